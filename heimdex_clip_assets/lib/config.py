@@ -1,0 +1,160 @@
+"""Pipeline settings, read from the environment once and validated.
+
+Names are the seed's (``CLIP_INFERENCE_BACKEND``, ``RUNPOD_*``, ``EMBEDDING_HMAC_SECRET``, ...); new ones
+follow the same style. Unset service settings mean "embedded": no ``DATABASE_URL`` starts an embedded
+PostgreSQL, no ``SUPABASE_URL`` starts the embedded storage server, both under ``HEIMDEX_HOME``.
+A bad value is a :class:`ConfigError` naming the variable and what it accepts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from runpod_worker.protocol import derive_model_version
+
+from .errors import ConfigError
+
+Backend = Literal["runpod", "local", "off"]
+BACKENDS: tuple[str, ...] = ("runpod", "local", "off")
+DEFAULT_RUNPOD_BASE_URL = "https://api.runpod.ai/v2"
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None:
+        return None
+    value = value.strip()  # the seed's troubleshooting: stray whitespace/newlines in pasted secrets
+    return value or None
+
+
+def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
+
+
+def env_number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
+    raw = _get(env, name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
+    return value
+
+
+def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
+    value = env_number(env, name, default, minimum=minimum)
+    if value != int(value):
+        raise ConfigError(f"{name}={value!r} must be a whole number")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    database_url: str | None
+    supabase_url: str | None
+    supabase_key: str | None
+    bucket: str
+    signed_url_expires_s: int
+    clip_backend: Backend
+    clip_model_name: str
+    clip_pretrained: str
+    clip_model_version: str
+    clip_precision: str | None
+    clip_batch_size: int
+    runpod_api_key: str | None
+    runpod_endpoint_id: str | None
+    runpod_base_url: str
+    runpod_timeout_s: float
+    runpod_max_retries: int
+    hmac_secret: str | None
+    inbox_dir: Path
+
+    @property
+    def embedded_db(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def embedded_storage(self) -> bool:
+        return self.supabase_url is None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        home = Path(_get(env, "HEIMDEX_HOME") or ".heimdex").expanduser().resolve()
+
+        backend = (_get(env, "CLIP_INFERENCE_BACKEND") or "local").lower()
+        if backend not in BACKENDS:
+            raise ConfigError(f"CLIP_INFERENCE_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
+        if not env_bool(env, "CLIP_ENABLED", True):
+            backend = "off"  # the seed: CLIP_ENABLED=false disables CLIP whatever the backend says
+
+        supabase_url = _get(env, "SUPABASE_URL")
+        supabase_key = _get(env, "SUPABASE_SERVICE_ROLE_KEY")
+        if supabase_url and not supabase_key:
+            raise ConfigError("SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not; set both")
+
+        precision = (_get(env, "CLIP_PRECISION") or "").lower() or None
+        if precision not in (None, "fp32", "bf16", "fp16"):
+            raise ConfigError(f"CLIP_PRECISION={precision!r} is not one of fp32, bf16, fp16")
+
+        model_name = _get(env, "CLIP_MODEL_NAME") or "ViT-B-32"
+        pretrained = _get(env, "CLIP_PRETRAINED") or "openai"
+        settings = cls(
+            home=home,
+            database_url=_get(env, "DATABASE_URL"),
+            supabase_url=supabase_url.rstrip("/") if supabase_url else None,
+            supabase_key=supabase_key,
+            bucket=_get(env, "SUPABASE_BUCKET") or "heimdex",
+            signed_url_expires_s=env_int(env, "SIGNED_URL_EXPIRES_S", 300, minimum=10),
+            clip_backend=backend,  # type: ignore[arg-type]
+            clip_model_name=model_name,
+            clip_pretrained=pretrained,
+            clip_model_version=_get(env, "CLIP_MODEL_VERSION") or derive_model_version(model_name, pretrained),
+            clip_precision=precision,
+            clip_batch_size=env_int(env, "CLIP_BATCH_SIZE", 32, minimum=1),
+            runpod_api_key=_get(env, "RUNPOD_API_KEY"),
+            runpod_endpoint_id=_get(env, "RUNPOD_CLIP_ENDPOINT_ID"),
+            runpod_base_url=(_get(env, "RUNPOD_ENDPOINT_BASE_URL") or DEFAULT_RUNPOD_BASE_URL).rstrip("/"),
+            runpod_timeout_s=env_number(env, "RUNPOD_TIMEOUT_S", 60.0, minimum=1),
+            runpod_max_retries=env_int(env, "RUNPOD_MAX_RETRIES", 3),
+            hmac_secret=_get(env, "EMBEDDING_HMAC_SECRET"),
+            inbox_dir=Path(_get(env, "HEIMDEX_INBOX_DIR") or home / "inbox").expanduser().resolve(),
+        )
+        if settings.clip_backend == "runpod":
+            settings.require_runpod()
+        return settings
+
+    def require_runpod(self) -> None:
+        missing = [
+            name
+            for name, value in (
+                ("RUNPOD_API_KEY", self.runpod_api_key),
+                ("RUNPOD_CLIP_ENDPOINT_ID", self.runpod_endpoint_id),
+                ("EMBEDDING_HMAC_SECRET", self.hmac_secret),
+            )
+            if not value
+        ]
+        if missing:
+            raise ConfigError(
+                f"CLIP_INFERENCE_BACKEND=runpod needs {', '.join(missing)}; set them, or use "
+                "CLIP_INFERENCE_BACKEND=local"
+            )
