@@ -128,7 +128,8 @@ class Settings:
             clip_backend=backend,  # type: ignore[arg-type]
             clip_model_name=model_name,
             clip_pretrained=pretrained,
-            clip_model_version=_get(env, "CLIP_MODEL_VERSION") or derive_model_version(model_name, pretrained),
+            clip_model_version=_get(env, "CLIP_MODEL_VERSION")
+            or derive_model_version(model_name, pretrained),
             clip_precision=precision,
             clip_batch_size=env_int(env, "CLIP_BATCH_SIZE", 32, minimum=1),
             runpod_api_key=_get(env, "RUNPOD_API_KEY"),
