@@ -83,6 +83,7 @@ class Settings:
     runpod_api_key: str | None
     runpod_endpoint_id: str | None
     runpod_base_url: str
+    runpod_endpoint_url: str | None
     runpod_timeout_s: float
     runpod_max_retries: int
     hmac_secret: str | None
@@ -135,6 +136,7 @@ class Settings:
             runpod_api_key=_get(env, "RUNPOD_API_KEY"),
             runpod_endpoint_id=_get(env, "RUNPOD_CLIP_ENDPOINT_ID"),
             runpod_base_url=(_get(env, "RUNPOD_ENDPOINT_BASE_URL") or DEFAULT_RUNPOD_BASE_URL).rstrip("/"),
+            runpod_endpoint_url=(_get(env, "RUNPOD_CLIP_ENDPOINT_URL") or "").rstrip("/") or None,
             runpod_timeout_s=env_number(env, "RUNPOD_TIMEOUT_S", 60.0, minimum=1),
             runpod_max_retries=env_int(env, "RUNPOD_MAX_RETRIES", 3),
             hmac_secret=_get(env, "EMBEDDING_HMAC_SECRET"),
@@ -144,16 +146,20 @@ class Settings:
             settings.require_runpod()
         return settings
 
+    @property
+    def runpod_url(self) -> str:
+        """Where jobs go: ``RUNPOD_CLIP_ENDPOINT_URL`` (e.g. a local ``--rp_serve_api`` worker, which
+        serves ``/runsync`` with no ``/v2/{id}`` prefix) or ``RUNPOD_ENDPOINT_BASE_URL/{endpoint id}``."""
+        return self.runpod_endpoint_url or f"{self.runpod_base_url}/{self.runpod_endpoint_id}"
+
     def require_runpod(self) -> None:
-        missing = [
-            name
-            for name, value in (
+        required = [("EMBEDDING_HMAC_SECRET", self.hmac_secret)]
+        if not self.runpod_endpoint_url:  # RunPod's cloud: a local worker needs neither
+            required += [
                 ("RUNPOD_API_KEY", self.runpod_api_key),
                 ("RUNPOD_CLIP_ENDPOINT_ID", self.runpod_endpoint_id),
-                ("EMBEDDING_HMAC_SECRET", self.hmac_secret),
-            )
-            if not value
-        ]
+            ]
+        missing = [name for name, value in required if not value]
         if missing:
             raise ConfigError(
                 f"CLIP_INFERENCE_BACKEND=runpod needs {', '.join(missing)}; set them, or use "
