@@ -1,0 +1,344 @@
+"""RunPodClient against RunPod's cloud, stubbed at the HTTP boundary (httpx.MockTransport).
+
+The stub answers the way api.runpod.ai does (runsync, status polling, FAILED job shapes, 401/5xx); the
+signatures it receives are checked with the worker's own :class:`Verifier`, replay cache included.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from heimdex_clip_assets.lib.config import Settings
+from heimdex_clip_assets.lib.errors import (
+    AuthError,
+    ClipError,
+    InternalError,
+    InvalidImageError,
+    ModelMismatchError,
+    NetworkError,
+    RemoteError,
+    TimeoutError,
+)
+from heimdex_clip_assets.lib.runpod_client import RemoteEmbedding, RunPodClient
+from runpod_worker.protocol import (
+    ImageItem,
+    Verifier,
+    batch_message,
+    encode_embedding,
+    encode_job_error,
+    single_message,
+)
+
+URL = "https://api.runpod.ai/v2/ep123"
+API_KEY = "rpa_SECRET_API_KEY_42"
+SECRET = "test-secret-123"
+VECTORS = json.loads((Path(__file__).parents[1] / "data" / "hmac_vectors.json").read_text())["vectors"]
+
+Responder = Callable[[httpx.Request], httpx.Response]
+
+
+class FakeTime:
+    """A monotonic clock that only moves when the client sleeps (or a request takes "time")."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+class CloudStub:
+    """RunPod's cloud API: answers from a script and records what it was sent.
+
+    Each scripted responder gets the request that created the job (the latest ``/runsync``), so a status
+    poll can answer with the output for the images that job asked for.
+    """
+
+    def __init__(self, *responders: Responder) -> None:
+        self.script: Iterator[Responder] = iter(responders)
+        self.requests: list[httpx.Request] = []
+        self.verifier = Verifier([SECRET])
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path.endswith("/runsync"):
+            self.job_request = request
+        return next(self.script)(self.job_request)
+
+    def inputs(self) -> list[dict[str, Any]]:
+        return [json.loads(r.content)["input"] for r in self.requests if r.url.path.endswith("/runsync")]
+
+    def verify(self, job_input: dict[str, Any]) -> None:
+        """What the worker does first: refuses a bad, stale or replayed signature."""
+        urls = [i["image_url"] for i in job_input["images"]] if "images" in job_input else None
+        auth = job_input["auth"]
+        message = (
+            batch_message(urls, auth["ts"]) if urls else single_message(job_input["image_url"], auth["ts"])
+        )
+        self.verifier.verify(message, auth["ts"], auth["sig"])
+
+
+def batch_output(request: httpx.Request, *, dim: int = 512, **fields: Any) -> dict[str, Any]:
+    images = json.loads(request.content)["input"]["images"]
+    rng = np.random.default_rng(len(images))
+    return {
+        "model": "ViT-B-32",
+        "pretrained": "openai",
+        "model_version": "openai-vit-b-32-v1",
+        "dim": dim,
+        "encoding": "base64",
+        "results": [
+            {
+                "request_id": img.get("request_id"),
+                "embedding": encode_embedding(rng.standard_normal(dim), "base64"),
+                "timings": {"download_ms": 5.0, "inference_ms": 2.5, "total_ms": 8.0},
+            }
+            for img in images
+        ],
+        **fields,
+    }
+
+
+def completed(**fields: Any) -> Responder:
+    def respond(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(
+            200, json={"id": "job-1", "status": "COMPLETED", "output": batch_output(request, **fields)}
+        )
+
+    return respond
+
+
+def reply(http_status: int = 200, /, **body: Any) -> Responder:
+    return lambda request: httpx.Response(http_status, json=body)
+
+
+def make_client(stub: CloudStub, fake: FakeTime, **kwargs: Any) -> RunPodClient:
+    options: dict[str, Any] = {
+        "api_key": API_KEY,
+        "hmac_secret": SECRET,
+        "timeout_s": 60.0,
+        "max_retries": 3,
+        "model_name": "ViT-B-32",
+        "dim": 512,
+        "model_version": "openai-vit-b-32-v1",
+        "transport": httpx.MockTransport(stub),
+        "sleep": fake.sleep,
+        "clock": fake.clock,
+    } | kwargs
+    return RunPodClient(URL, **options)
+
+
+ITEMS = [ImageItem(f"https://h/{i}.jpg", request_id=str(i)) for i in range(3)]
+
+
+@pytest.fixture
+def fake() -> FakeTime:
+    return FakeTime()
+
+
+def test_batch_completed_in_one_call(fake: FakeTime) -> None:
+    stub = CloudStub(completed())
+    with make_client(stub, fake) as client:
+        out = client.embed_batch(ITEMS)
+    assert len(out) == 3 and all(isinstance(e, RemoteEmbedding) for e in out)
+    first = out[0]
+    assert isinstance(first, RemoteEmbedding)
+    assert first.vector.dtype == np.float32 and first.dim == 512
+    assert (first.request_id, first.model_version, first.inference_ms) == ("0", "openai-vit-b-32-v1", 2.5)
+    (request,) = stub.requests
+    assert request.method == "POST" and str(request.url) == f"{URL}/runsync"
+    assert request.headers["Authorization"] == f"Bearer {API_KEY}"
+    job_input = stub.inputs()[0]
+    assert job_input["encoding"] == "base64" and job_input["model"] == "ViT-B-32"
+    stub.verify(job_input)
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['kind']}-{v['ts']}")
+def test_signing_matches_golden_vectors(
+    vector: dict[str, Any], fake: FakeTime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "time", lambda: float(vector["ts"]))
+    stub = CloudStub(reply(200, id="j", status="FAILED", error="stop here"))
+    client = make_client(stub, fake, hmac_secret=vector["secret"], max_retries=0, model_name=None)
+    with pytest.raises(ClipError):
+        if vector["kind"] == "batch":
+            client.embed_batch([ImageItem(u) for u in vector["image_urls"]])
+        else:
+            client.embed_one(vector["image_urls"][0])
+    assert stub.inputs()[0]["auth"] == {"ts": vector["ts"], "sig": vector["sig"]}
+
+
+def test_in_queue_is_polled_with_get_until_completed(fake: FakeTime) -> None:
+    stub = CloudStub(
+        reply(200, id="job-1", status="IN_QUEUE"),
+        reply(200, id="job-1", status="IN_PROGRESS"),
+        completed(),
+    )
+    out = make_client(stub, fake).embed_batch(ITEMS)
+    assert all(isinstance(e, RemoteEmbedding) for e in out)
+    assert [(r.method, r.url.path) for r in stub.requests[1:]] == [("GET", "/v2/ep123/status/job-1")] * 2
+    assert fake.sleeps == [0.25, 0.5]  # backoff between polls, nothing else
+
+
+def test_status_falls_back_to_post_on_405(fake: FakeTime) -> None:
+    stub = CloudStub(
+        reply(200, id="job-1", status="IN_QUEUE"), reply(405, detail="Method Not Allowed"), completed()
+    )
+    make_client(stub, fake).embed_batch(ITEMS)
+    assert [r.method for r in stub.requests] == ["POST", "GET", "POST"]
+
+
+@pytest.mark.parametrize("status", [500, 502, 429])
+def test_transient_http_errors_are_retried_with_a_fresh_signature(status: int, fake: FakeTime) -> None:
+    stub = CloudStub(reply(status, error="busy"), completed())
+    out = make_client(stub, fake).embed_batch(ITEMS)
+    assert all(isinstance(e, RemoteEmbedding) for e in out)
+    first, second = stub.inputs()
+    assert second["auth"]["ts"] > first["auth"]["ts"]
+    # Both reach the worker's verifier: the retry must not look like a replay of the first attempt.
+    stub.verify(first)
+    stub.verify(second)
+    assert len(fake.sleeps) == 1 and 0 <= fake.sleeps[0] <= 0.5
+
+
+def test_network_error_is_retried_then_raised(fake: FakeTime) -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    stub = CloudStub(*[refuse] * 3)
+    with pytest.raises(NetworkError, match=r"^Connection error: Failed to connect to api\.runpod\.ai"):
+        make_client(stub, fake, max_retries=2).embed_batch(ITEMS)
+    assert len(stub.requests) == 3
+    assert all(0 <= s <= cap for s, cap in zip(fake.sleeps, [0.5, 1.0], strict=True))  # full jitter
+
+
+def test_our_auth_failure_is_not_retried(fake: FakeTime) -> None:
+    error = encode_job_error(AuthError("Authentication failed: bad signature"))["error"]
+    stub = CloudStub(reply(200, id="j", status="FAILED", error=error))
+    with pytest.raises(AuthError, match="bad signature"):
+        make_client(stub, fake).embed_batch(ITEMS)
+    assert len(stub.requests) == 1 and fake.sleeps == []
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_rejected_api_key_is_not_retried_and_never_shown(status: int, fake: FakeTime) -> None:
+    stub = CloudStub(reply(status, error=f"invalid key {API_KEY}"))
+    with pytest.raises(AuthError) as info:
+        make_client(stub, fake).embed_batch(ITEMS)
+    assert len(stub.requests) == 1
+    assert "RUNPOD_API_KEY" in info.value.message
+    assert API_KEY not in str(info.value) and SECRET not in str(info.value)
+
+
+def test_server_error_body_echoing_the_key_is_redacted(fake: FakeTime) -> None:
+    stub = CloudStub(reply(404, error=f"no endpoint for {API_KEY} / {SECRET}"))
+    with pytest.raises(RemoteError) as info:
+        make_client(stub, fake).embed_batch(ITEMS)
+    assert API_KEY not in str(info.value) and SECRET not in str(info.value)
+    assert len(stub.requests) == 1  # a 404 is a wrong endpoint id, not a blip
+
+
+def test_job_stuck_in_queue_times_out_with_the_seed_message(fake: FakeTime) -> None:
+    stub = CloudStub(*[reply(200, id="job-1", status="IN_QUEUE")] * 200)
+    with pytest.raises(TimeoutError, match=r"^Request timeout after 60\.0s$"):
+        make_client(stub, fake, max_retries=1).embed_batch(ITEMS)
+    assert len(stub.inputs()) == 2  # a timeout is retried once, then raised
+
+
+def test_http_timeout_is_a_timeout_error(fake: FakeTime) -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    stub = CloudStub(slow)
+    with pytest.raises(TimeoutError, match=r"^Request timeout after 60\.0s$"):
+        make_client(stub, fake, max_retries=0).embed_batch(ITEMS)
+
+
+def test_retryable_failed_job_is_retried_then_given_up(fake: FakeTime) -> None:
+    error = json.dumps({"error_type": "RuntimeError", "error_message": "CUDA OOM", "error_traceback": "..."})
+    stub = CloudStub(*[reply(200, id="j", status="FAILED", error=error)] * 3)
+    with pytest.raises(InternalError, match="Worker raised RuntimeError: CUDA OOM"):
+        make_client(stub, fake, max_retries=2).embed_batch(ITEMS)
+    assert len(stub.inputs()) == 3 and len(fake.sleeps) == 2
+
+
+def test_unexpected_dimension_is_a_model_mismatch(fake: FakeTime) -> None:
+    stub = CloudStub(completed(dim=768))
+    with pytest.raises(ModelMismatchError, match=r"^Unexpected embedding dimension: 768 \(expected 512\)$"):
+        make_client(stub, fake).embed_batch(ITEMS)
+    assert len(stub.requests) == 1
+
+
+def test_other_model_version_is_a_model_mismatch(fake: FakeTime) -> None:
+    stub = CloudStub(completed(model_version="laion-vit-b-32-v1"))
+    with pytest.raises(ModelMismatchError, match="CLIP_MODEL_VERSION") as info:
+        make_client(stub, fake).embed_batch(ITEMS)
+    assert "CLIP_MODEL_NAME" in info.value.message
+
+
+def test_malformed_json_is_a_remote_error_not_retried(fake: FakeTime) -> None:
+    stub = CloudStub(lambda request: httpx.Response(200, text="<html>bad gateway</html>"))
+    with pytest.raises(RemoteError, match="malformed JSON"):
+        make_client(stub, fake).embed_batch(ITEMS)
+    assert len(stub.requests) == 1
+
+
+def test_per_image_errors_stay_in_their_slot(fake: FakeTime) -> None:
+    def one_bad(request: httpx.Request) -> httpx.Response:
+        output = batch_output(request)
+        output["results"][1] = {"request_id": "1", "error": InvalidImageError("not a JPEG").to_dict()}
+        return httpx.Response(200, json={"id": "j", "status": "COMPLETED", "output": output})
+
+    out = make_client(CloudStub(one_bad), fake).embed_batch(ITEMS)
+    assert isinstance(out[0], RemoteEmbedding) and isinstance(out[2], RemoteEmbedding)
+    assert isinstance(out[1], InvalidImageError) and out[1].message == "not a JPEG"
+
+
+def test_embed_one_speaks_the_seed_request(fake: FakeTime) -> None:
+    def single(request: httpx.Request) -> httpx.Response:
+        job_input = json.loads(request.content)["input"]
+        output = {
+            "embedding": [0.5] * 512,
+            "dim": 512,
+            "model": "ViT-B-32",
+            "model_version": "openai-vit-b-32-v1",
+            "request_id": job_input["request_id"],
+            "timings": {"download_ms": 50.0, "inference_ms": 45.0, "total_ms": 234.0},
+        }
+        return httpx.Response(200, json={"id": "j", "status": "COMPLETED", "output": output})
+
+    stub = CloudStub(single)
+    emb = make_client(stub, fake).embed_one("https://h/a.jpg", request_id="scene-5")
+    assert emb.request_id == "scene-5" and emb.total_ms == 234.0 and emb.dim == 512
+    job_input = stub.inputs()[0]
+    assert set(job_input) == {"image_url", "request_id", "normalize", "encoding", "model", "auth"}
+    stub.verify(job_input)
+
+
+def test_from_settings_uses_the_endpoint_settings() -> None:
+    settings = Settings.from_env(
+        {
+            "CLIP_INFERENCE_BACKEND": "runpod",
+            "RUNPOD_API_KEY": API_KEY,
+            "RUNPOD_CLIP_ENDPOINT_ID": "ep123",
+            "EMBEDDING_HMAC_SECRET": SECRET,
+            "RUNPOD_TIMEOUT_S": "90",
+            "RUNPOD_MAX_RETRIES": "1",
+        }
+    )
+    with RunPodClient.from_settings(settings, dim=512) as client:
+        assert (client.url, client.timeout_s, client.max_retries, client.dim) == (URL, 90.0, 1, 512)
+        assert client.model_version == settings.clip_model_version
