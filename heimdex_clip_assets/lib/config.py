@@ -8,6 +8,7 @@ A bad value is a :class:`ConfigError` naming the variable and what it accepts.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,6 +67,19 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0
     return int(value)
 
 
+@functools.cache
+def model_dim(model_name: str) -> int:
+    """The embedding width of an open_clip architecture, read from its config (no weights loaded)."""
+    import open_clip  # deferred: importing torch costs a second, and most settings users never need it
+
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ConfigError(
+            f"CLIP_MODEL_NAME={model_name!r} is not an open_clip model; try ViT-B-32 (see open_clip.list_models())"
+        )
+    return int(config["embed_dim"])
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -88,6 +102,13 @@ class Settings:
     runpod_max_retries: int
     hmac_secret: str | None
     inbox_dir: Path
+    sensor_max_runs: int
+    backfill_cron: str
+    backfill_max_runs: int
+
+    @property
+    def clip_dim(self) -> int:
+        return model_dim(self.clip_model_name)
 
     @property
     def embedded_db(self) -> bool:
@@ -141,6 +162,9 @@ class Settings:
             runpod_max_retries=env_int(env, "RUNPOD_MAX_RETRIES", 3),
             hmac_secret=_get(env, "EMBEDDING_HMAC_SECRET"),
             inbox_dir=Path(_get(env, "HEIMDEX_INBOX_DIR") or home / "inbox").expanduser().resolve(),
+            sensor_max_runs=env_int(env, "HEIMDEX_SENSOR_MAX_RUNS", 50, minimum=1),
+            backfill_cron=_get(env, "HEIMDEX_BACKFILL_CRON") or "0 * * * *",
+            backfill_max_runs=env_int(env, "HEIMDEX_BACKFILL_MAX_RUNS", 10, minimum=1),
         )
         if settings.clip_backend == "runpod":
             settings.require_runpod()
