@@ -1,0 +1,458 @@
+"""The vector store: videos, their scenes and CLIP embeddings in PostgreSQL + pgvector.
+
+With ``DATABASE_URL`` unset an embedded PostgreSQL under ``HEIMDEX_HOME`` is used (see ``embedded.py``).
+Every method opens a short connection: unix-socket connects cost about a millisecond, and no connection
+outlives a call, so a store can be shared by threads and handed to forked processes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from importlib import resources
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import psycopg
+from pgvector.psycopg import register_vector
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from .config import Settings
+from .embedded import embedded_postgres
+from .errors import DatabaseError, InvalidRequestError, ModelMismatchError, NotFoundError
+
+# Any constant works; it only has to be the same in every process that migrates this database.
+_MIGRATION_LOCK_KEY = 0x4845_494D_4445_58
+# Keys every embedding's metadata carries: the seed's monitoring SQL reads backend and inference time,
+# and staleness queries compare model_version.
+METADATA_KEYS: tuple[str, ...] = (
+    "backend",
+    "model_name",
+    "pretrained",
+    "model_version",
+    "inference_time_ms",
+    "download_ms",
+    "total_ms",
+)
+# ef_search 100 gives recall@10 >= 0.95 on 100k vectors in the bench at ~1-3 ms per query.
+DEFAULT_EF_SEARCH = 100
+
+
+@dataclass
+class VideoRecord:
+    id: str
+    storage_path: str
+    filename: str | None = None
+    duration_s: float | None = None
+    fps: float | None = None
+    width: int | None = None
+    height: int | None = None
+    status: str = "pending"
+    error: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+@dataclass
+class SceneRecord:
+    """One scene. ``id`` is assigned by the database on first write; ``embedding`` and ``metadata`` are
+    read-only here (``replace_scenes`` ignores them; ``write_embeddings`` sets them)."""
+
+    index: int
+    start_s: float
+    end_s: float
+    keyframe_s: float
+    thumbnail_path: str
+    thumbnail_sha256: str
+    id: str | None = None
+    video_id: str | None = None
+    embedding: np.ndarray | None = field(default=None, repr=False)
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class EmbeddingRow:
+    index: int
+    vector: Sequence[float] | np.ndarray
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    video_id: str
+    scene_id: str
+    index: int
+    start_s: float
+    end_s: float
+    thumbnail_path: str
+    score: float
+
+
+# ------------------------------------------------------------------------------------ where the db is
+def resolve_database_url(settings: Settings) -> str:
+    """``DATABASE_URL``, or the embedded server's URI (started if it is not running)."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded_postgres(settings.home).get_uri()
+
+
+def dagster_storage_url(settings: Settings) -> str:
+    """The same server as a dagster-postgres URL: psycopg2 is forced because SQLAlchemy 2.1 maps plain
+    ``postgresql://`` to psycopg 3, with which dagster's run-event NOTIFY fails."""
+    if settings.database_url:
+        return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg2://", settings.database_url)
+    socket_dir = embedded_postgres(settings.home).get_postgres_socket_dir()
+    return f"postgresql+psycopg2://postgres@/postgres?host={quote(str(socket_dir), safe='/')}"
+
+
+# ---------------------------------------------------------------------------------------- migrations
+def _migrations() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for each ``migrations/NNNN_name.sql``, in order."""
+    found = []
+    for entry in resources.files(__package__).joinpath("migrations").iterdir():
+        match = re.fullmatch(r"(\d+)_(\w+)\.sql", entry.name)
+        if match:
+            found.append((int(match[1]), match[2], entry.read_text()))
+    return sorted(found)
+
+
+class VectorStore:
+    def __init__(self, dsn: str, dim: int) -> None:
+        if dim <= 0:
+            raise InvalidRequestError(f"embedding dimension must be positive, got {dim}")
+        self.dsn = dsn
+        self.dim = dim
+
+    @classmethod
+    def from_settings(cls, settings: Settings, dim: int) -> VectorStore:
+        return cls(resolve_database_url(settings), dim)
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def _where(self) -> str:
+        """The server, for messages, without credentials."""
+        info = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        return f"host={info.get('host', 'localhost')} dbname={info.get('dbname', '?')}"
+
+    @contextmanager
+    def _connect(self, *, vectors: bool = True) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        """A connection in a transaction (committed on success), with database errors made typed."""
+        try:
+            with psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10) as conn:
+                if vectors:
+                    register_vector(conn)
+                yield conn
+        except psycopg.OperationalError as exc:
+            raise DatabaseError(
+                f"cannot reach PostgreSQL ({self._where()}): {str(exc).strip()}; check DATABASE_URL "
+                "and that the server is running",
+                retryable=True,
+            ) from exc
+        except psycopg.errors.UndefinedTable as exc:
+            raise DatabaseError(f"the schema is missing ({exc}); run migrations first") from exc
+        except psycopg.Error as exc:
+            raise DatabaseError(f"database error ({self._where()}): {str(exc).strip()}") from exc
+
+    def _check_vector(self, vector: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
+        arr = np.asarray(vector, dtype=np.float32)
+        if arr.shape != (self.dim,):
+            raise ModelMismatchError(
+                f"{what} has shape {arr.shape}, but the store holds {self.dim}-dimensional embeddings; "
+                "check CLIP_MODEL_NAME"
+            )
+        if not np.isfinite(arr).all():
+            raise InvalidRequestError(f"{what} holds NaN or infinite values")
+        return arr
+
+    # ---------------------------------------------------------------------------------------- schema
+    def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied (empty when up to date).
+
+        An advisory lock held for the transaction serialises processes migrating at once: the second
+        waits, then finds nothing to do. Raises :class:`ModelMismatchError` when the table was made
+        for another embedding width.
+        """
+        applied = []
+        with self._connect(vectors=False) as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_KEY,))
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {row["version"] for row in conn.execute("SELECT version FROM schema_migrations")}
+            for version, name, sql in _migrations():
+                if version in done:
+                    continue
+                conn.execute(sql.replace("{dim}", str(self.dim)))
+                conn.execute("INSERT INTO schema_migrations (version, name) VALUES (%s, %s)", (version, name))
+                applied.append(version)
+            row = conn.execute(
+                "SELECT atttypmod FROM pg_attribute WHERE attrelid = 'video_scenes'::regclass"
+                " AND attname = 'embedding_visual_clip'"
+            ).fetchone()
+        if row is not None and row["atttypmod"] != self.dim:
+            raise ModelMismatchError(
+                f"video_scenes.embedding_visual_clip holds {row['atttypmod']}-dimensional vectors but the "
+                f"configured model makes {self.dim}; use a model of that width (CLIP_MODEL_NAME) or a new "
+                "database (DATABASE_URL)"
+            )
+        return applied
+
+    # ---------------------------------------------------------------------------------------- videos
+    def upsert_video(self, video: VideoRecord) -> None:
+        with self._connect(vectors=False) as conn:
+            conn.execute(
+                "INSERT INTO videos (id, storage_path, filename, duration_s, fps, width, height, status,"
+                " error) VALUES (%(id)s, %(storage_path)s, %(filename)s, %(duration_s)s, %(fps)s, %(width)s,"
+                " %(height)s, %(status)s, %(error)s)"
+                " ON CONFLICT (id) DO UPDATE SET storage_path = EXCLUDED.storage_path,"
+                " filename = EXCLUDED.filename, duration_s = EXCLUDED.duration_s, fps = EXCLUDED.fps,"
+                " width = EXCLUDED.width, height = EXCLUDED.height, status = EXCLUDED.status,"
+                " error = EXCLUDED.error, updated_at = now()",
+                video.__dict__,
+            )
+
+    def get_video(self, video_id: str) -> VideoRecord | None:
+        with self._connect(vectors=False) as conn:
+            row = conn.execute("SELECT * FROM videos WHERE id = %s", (video_id,)).fetchone()
+        return None if row is None else VideoRecord(**{**row, "id": str(row["id"])})
+
+    def list_video_ids(self, status: str | None = None) -> list[str]:
+        with self._connect(vectors=False) as conn:
+            rows = conn.execute(
+                "SELECT id FROM videos WHERE %(status)s::text IS NULL OR status = %(status)s"
+                " ORDER BY created_at, id",
+                {"status": status},
+            ).fetchall()
+        return [str(row["id"]) for row in rows]
+
+    def set_video_status(self, video_id: str, status: str, error: str | None = None) -> None:
+        with self._connect(vectors=False) as conn:
+            cur = conn.execute(
+                "UPDATE videos SET status = %s, error = %s, updated_at = now() WHERE id = %s",
+                (status, error, video_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFoundError(f"video {video_id} is not in the videos table")
+
+    # ---------------------------------------------------------------------------------------- scenes
+    def replace_scenes(self, video_id: str, scenes: Sequence[SceneRecord]) -> None:
+        """Make the video's scenes exactly ``scenes``, keyed by index, in one transaction.
+
+        A scene whose thumbnail content (sha256) is unchanged keeps its embedding; a changed one loses
+        it, so it is re-embedded. The video row is locked first, so two runs of one video serialise
+        instead of deadlocking on each other's scene rows.
+        """
+        indexes = [scene.index for scene in scenes]
+        if len(set(indexes)) != len(indexes):
+            raise InvalidRequestError(f"scenes of video {video_id} repeat an index")
+        with self._connect(vectors=False) as conn:
+            if conn.execute("SELECT 1 FROM videos WHERE id = %s FOR UPDATE", (video_id,)).fetchone() is None:
+                raise NotFoundError(f"video {video_id} is not in the videos table; upsert it first")
+            conn.execute(
+                'DELETE FROM video_scenes WHERE video_id = %s AND NOT ("index" = ANY(%s))',
+                (video_id, indexes),
+            )
+            with conn.cursor() as cur:
+                cur.executemany(
+                    'INSERT INTO video_scenes AS s (video_id, "index", start_s, end_s, keyframe_s,'
+                    " thumbnail_path, thumbnail_sha256)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                    ' ON CONFLICT (video_id, "index") DO UPDATE SET start_s = EXCLUDED.start_s,'
+                    " end_s = EXCLUDED.end_s, keyframe_s = EXCLUDED.keyframe_s,"
+                    " thumbnail_path = EXCLUDED.thumbnail_path, thumbnail_sha256 = EXCLUDED.thumbnail_sha256,"
+                    " embedding_visual_clip = CASE WHEN s.thumbnail_sha256 = EXCLUDED.thumbnail_sha256"
+                    " THEN s.embedding_visual_clip END,"
+                    " visual_clip_metadata = CASE WHEN s.thumbnail_sha256 = EXCLUDED.thumbnail_sha256"
+                    " THEN s.visual_clip_metadata END,"
+                    " updated_at = now()",
+                    [
+                        (
+                            video_id,
+                            s.index,
+                            s.start_s,
+                            s.end_s,
+                            s.keyframe_s,
+                            s.thumbnail_path,
+                            s.thumbnail_sha256,
+                        )
+                        for s in sorted(scenes, key=lambda s: s.index)
+                    ],
+                )
+
+    _SCENE_COLUMNS = (
+        'id, video_id, "index", start_s, end_s, keyframe_s, thumbnail_path, thumbnail_sha256,'
+        " embedding_visual_clip, visual_clip_metadata"
+    )
+
+    @staticmethod
+    def _scene(row: dict[str, Any]) -> SceneRecord:
+        embedding = row["embedding_visual_clip"]
+        return SceneRecord(
+            index=row["index"],
+            start_s=row["start_s"],
+            end_s=row["end_s"],
+            keyframe_s=row["keyframe_s"],
+            thumbnail_path=row["thumbnail_path"],
+            thumbnail_sha256=row["thumbnail_sha256"],
+            id=str(row["id"]),
+            video_id=str(row["video_id"]),
+            embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32),
+            metadata=row["visual_clip_metadata"],
+        )
+
+    def scenes(self, video_id: str) -> list[SceneRecord]:
+        with self._connect() as conn:
+            rows = conn.execute(
+                f'SELECT {self._SCENE_COLUMNS} FROM video_scenes WHERE video_id = %s ORDER BY "index"',
+                (video_id,),
+            ).fetchall()
+        return [self._scene(row) for row in rows]
+
+    # ------------------------------------------------------------------------------------ embeddings
+    def write_embeddings(self, video_id: str, rows: Sequence[EmbeddingRow]) -> None:
+        """Store embeddings for scenes of one video in one transaction.
+
+        Everything is validated before the first write, and any failure rolls the whole batch back, so
+        a crash leaves the previous embeddings; writing the same rows again changes nothing.
+        """
+        params = []
+        for row in rows:
+            vector = self._check_vector(row.vector, f"embedding of scene {row.index} of video {video_id}")
+            missing = [key for key in METADATA_KEYS if key not in row.metadata]
+            if missing:
+                raise InvalidRequestError(
+                    f"metadata of scene {row.index} of video {video_id} lacks {', '.join(missing)}"
+                )
+            params.append((vector, Jsonb(row.metadata), video_id, row.index))
+        if not params:
+            return
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE video_scenes SET embedding_visual_clip = %s, visual_clip_metadata = %s,"
+                ' updated_at = now() WHERE video_id = %s AND "index" = %s',
+                params,
+            )
+            if cur.rowcount != len(params):
+                raise NotFoundError(
+                    f"only {cur.rowcount} of {len(params)} scenes of video {video_id} exist; nothing written"
+                )
+
+    def scenes_needing_embeddings(
+        self,
+        model_version: str,
+        *,
+        video_id: str | None = None,
+        force: bool = False,
+        limit: int | None = None,
+    ) -> list[SceneRecord]:
+        """Scenes with no embedding, or one from another model version (``force``: every scene)."""
+        with self._connect() as conn:
+            rows = conn.execute(
+                f"SELECT {self._SCENE_COLUMNS} FROM video_scenes"
+                " WHERE (%(video_id)s::uuid IS NULL OR video_id = %(video_id)s)"
+                " AND (%(force)s OR embedding_visual_clip IS NULL"
+                "      OR visual_clip_metadata->>'model_version' IS DISTINCT FROM %(model_version)s)"
+                ' ORDER BY video_id, "index" LIMIT %(limit)s',
+                {"video_id": video_id, "force": force, "model_version": model_version, "limit": limit},
+            ).fetchall()
+        return [self._scene(row) for row in rows]
+
+    def videos_needing_embeddings(self, model_version: str, limit: int) -> list[str]:
+        with self._connect(vectors=False) as conn:
+            rows = conn.execute(
+                "SELECT v.id FROM videos v WHERE EXISTS (SELECT 1 FROM video_scenes s"
+                " WHERE s.video_id = v.id AND (s.embedding_visual_clip IS NULL"
+                " OR s.visual_clip_metadata->>'model_version' IS DISTINCT FROM %s))"
+                " ORDER BY v.created_at, v.id LIMIT %s",
+                (model_version, limit),
+            ).fetchall()
+        return [str(row["id"]) for row in rows]
+
+    def cached_embeddings(
+        self, sha256s: Sequence[str], model_version: str
+    ) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """Embeddings already made by ``model_version`` for these thumbnail contents, from any video:
+        the same frame is never sent to the GPU twice."""
+        if not sha256s:
+            return {}
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT ON (thumbnail_sha256) thumbnail_sha256, embedding_visual_clip,"
+                " visual_clip_metadata FROM video_scenes"
+                " WHERE thumbnail_sha256 = ANY(%s) AND embedding_visual_clip IS NOT NULL"
+                " AND visual_clip_metadata->>'model_version' = %s"
+                " ORDER BY thumbnail_sha256, updated_at DESC",
+                (list(sha256s), model_version),
+            ).fetchall()
+        return {
+            row["thumbnail_sha256"]: (
+                np.asarray(row["embedding_visual_clip"], dtype=np.float32),
+                row["visual_clip_metadata"],
+            )
+            for row in rows
+        }
+
+    def clear_embeddings(self, video_id: str | None = None) -> int:
+        """Drop embeddings (of one video, or all) before a forced regeneration; returns scenes cleared."""
+        with self._connect(vectors=False) as conn:
+            cur = conn.execute(
+                "UPDATE video_scenes SET embedding_visual_clip = NULL, visual_clip_metadata = NULL,"
+                " updated_at = now() WHERE embedding_visual_clip IS NOT NULL"
+                " AND (%(video_id)s::uuid IS NULL OR video_id = %(video_id)s)",
+                {"video_id": video_id},
+            )
+            return cur.rowcount
+
+    # ---------------------------------------------------------------------------------------- search
+    def search(
+        self,
+        vector: Sequence[float] | np.ndarray,
+        k: int = 10,
+        video_id: str | None = None,
+        *,
+        model_version: str | None = None,
+        ef_search: int = DEFAULT_EF_SEARCH,
+    ) -> list[SearchHit]:
+        """The ``k`` scenes closest by cosine, best first; score = 1 - cosine distance.
+
+        HNSW returns at most ef_search candidates before filters; iterative scan keeps looking when a
+        video or model filter discards them, so a filtered search still fills ``k``.
+        """
+        query = self._check_vector(vector, "query vector")
+        if not 1 <= k <= 1000:
+            raise InvalidRequestError(f"k must be between 1 and 1000, got {k}")
+        with self._connect() as conn:
+            conn.execute(
+                "SELECT set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', %s, true)",
+                (
+                    str(max(ef_search, k)),
+                    "off" if video_id is None and model_version is None else "strict_order",
+                ),
+            )
+            rows = conn.execute(
+                'SELECT video_id, id, "index", start_s, end_s, thumbnail_path,'
+                " embedding_visual_clip <=> %(q)s AS distance FROM video_scenes"
+                " WHERE embedding_visual_clip IS NOT NULL"
+                " AND (%(video_id)s::uuid IS NULL OR video_id = %(video_id)s)"
+                " AND (%(mv)s::text IS NULL OR visual_clip_metadata->>'model_version' = %(mv)s)"
+                " ORDER BY embedding_visual_clip <=> %(q)s LIMIT %(k)s",
+                {"q": query, "video_id": video_id, "mv": model_version, "k": k},
+            ).fetchall()
+        return [
+            SearchHit(
+                video_id=str(row["video_id"]),
+                scene_id=str(row["id"]),
+                index=row["index"],
+                start_s=row["start_s"],
+                end_s=row["end_s"],
+                thumbnail_path=row["thumbnail_path"],
+                score=1.0 - float(row["distance"]),
+            )
+            for row in rows
+        ]

@@ -1,0 +1,138 @@
+"""Object storage: one ``Storage`` interface, implemented on Supabase Storage through supabase-py.
+
+With ``SUPABASE_URL`` unset, :func:`open_storage` starts the embedded Supabase-compatible server and
+returns the same :class:`SupabaseStorage` pointed at it, so tests and local runs exercise the real
+client code. Client and HTTP failures become :class:`StorageError` / :class:`NotFoundError` with
+``retryable`` set: server errors and network trouble may pass, bad keys and missing objects will not.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+import httpx
+from storage3.exceptions import StorageApiError
+from supabase import create_client
+
+from .config import Settings
+from .errors import NotFoundError, StorageError
+from .storage_server import ensure_storage_server
+
+T = TypeVar("T")
+_LIST_PAGE = 1000
+
+
+class Storage(Protocol):
+    def upload(
+        self, path: str, data: bytes, content_type: str = "image/jpeg", upsert: bool = True
+    ) -> None: ...
+
+    def download(self, path: str) -> bytes: ...
+
+    def create_signed_url(self, path: str, expires_in: int = 300) -> str:
+        """An absolute URL anyone can GET without credentials until it expires."""
+        ...
+
+    def create_signed_urls(self, paths: Sequence[str], expires_in: int = 300) -> dict[str, str]: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Full paths of the objects and sub-folders directly inside folder ``prefix`` (not recursive)."""
+        ...
+
+
+class SupabaseStorage:
+    """:class:`Storage` on one Supabase bucket, created (private) if it does not exist."""
+
+    def __init__(self, url: str, service_key: str, bucket: str) -> None:
+        self.url = url
+        self.bucket = bucket
+        self._storage = create_client(url, service_key).storage
+        self._files = self._storage.from_(bucket)
+        self._ensure_bucket()
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except StorageApiError as exc:
+            status = int(exc.status) if str(exc.status).isdigit() else 500
+            message = f"{what} failed in bucket {self.bucket!r} at {self.url}: {exc.message} ({exc.code})"
+            if status == 404:
+                raise NotFoundError(message) from exc
+            if status in (401, 403) or exc.code in ("Unauthorized", "InvalidJWT"):
+                raise StorageError(f"{message}; check SUPABASE_SERVICE_ROLE_KEY") from exc
+            raise StorageError(message, retryable=status >= 500 or status == 429) from exc
+        except httpx.TimeoutException as exc:
+            raise StorageError(f"{what} timed out at {self.url}", retryable=True) from exc
+        except httpx.HTTPError as exc:
+            raise StorageError(
+                f"{what}: cannot reach storage at {self.url} ({exc}); check SUPABASE_URL", retryable=True
+            ) from exc
+        except ValueError as exc:  # storage3 refuses dot segments ("../") in keys before sending
+            raise StorageError(f"{what}: {exc}") from exc
+
+    def _ensure_bucket(self) -> None:
+        try:
+            self._call("get bucket", lambda: self._storage.get_bucket(self.bucket))
+        except NotFoundError:
+            try:
+                self._call(
+                    "create bucket",
+                    lambda: self._storage.create_bucket(self.bucket, options={"public": False}),
+                )
+            except StorageError as exc:
+                if "Duplicate" not in exc.message:  # another process created it meanwhile
+                    raise
+
+    def upload(self, path: str, data: bytes, content_type: str = "image/jpeg", upsert: bool = True) -> None:
+        # content-type is explicit: storage3 would label every object text/plain.
+        options = {"content-type": content_type, "upsert": "true" if upsert else "false"}
+        self._call(f"upload {path}", lambda: self._files.upload(path, data, options))
+
+    def download(self, path: str) -> bytes:
+        return self._call(f"download {path}", lambda: self._files.download(path))
+
+    def create_signed_url(self, path: str, expires_in: int = 300) -> str:
+        reply = self._call(f"sign {path}", lambda: self._files.create_signed_url(path, expires_in))
+        return str(reply["signedURL"])
+
+    def create_signed_urls(self, paths: Sequence[str], expires_in: int = 300) -> dict[str, str]:
+        """One request for many URLs; raises :class:`NotFoundError` naming any path that is missing."""
+        if not paths:
+            return {}
+        replies = self._call(
+            f"sign {len(paths)} paths", lambda: self._files.create_signed_urls(list(paths), expires_in)
+        )
+        missing = [r["path"] for r in replies if not r["signedURL"]]
+        if missing:
+            raise NotFoundError(
+                f"cannot sign {len(missing)} missing objects in bucket {self.bucket!r}: {missing[:5]}"
+            )
+        return {str(r["path"]): str(r["signedURL"]) for r in replies}
+
+    def exists(self, path: str) -> bool:
+        return self._call(f"check {path}", lambda: self._files.exists(path))
+
+    def list(self, prefix: str = "") -> list[str]:
+        folder = prefix.strip("/")
+        names: list[str] = []
+        while True:
+            offset = len(names)
+            page = self._call(
+                f"list {folder or '/'}",
+                lambda: self._files.list(folder, {"limit": _LIST_PAGE, "offset": offset}),  # noqa: B023
+            )
+            names += [entry["name"] for entry in page]
+            if len(page) < _LIST_PAGE:
+                break
+        return [f"{folder}/{name}" if folder else name for name in names]
+
+
+def open_storage(settings: Settings) -> Storage:
+    """Supabase at ``SUPABASE_URL``, or (unset) the embedded server under ``HEIMDEX_HOME``."""
+    if settings.supabase_url and settings.supabase_key:
+        return SupabaseStorage(settings.supabase_url, settings.supabase_key, settings.bucket)
+    embedded = ensure_storage_server(settings.home)
+    return SupabaseStorage(embedded.url, embedded.service_key, settings.bucket)
