@@ -1,0 +1,249 @@
+"""One CLIP encoder for the RunPod worker and the pipeline's in-process backend.
+
+Loaded once per process (load is seconds; a job is milliseconds). Images go through the model in
+batches. On CUDA, JPEGs are decoded and resized on the GPU in batches, since per-image PIL decoding
+on a few CPU cores would otherwise cap a GPU worker far below what the model can do.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
+
+from runpod_worker.protocol import ClipError, InternalError, InvalidImageError, derive_model_version
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# Model batch sizes: big on a GPU (fp16 ViT-B-32 at 256 is ~3x the throughput of 32); on CPU larger
+# batches gain nothing and only hold memory.
+_CUDA_BATCH = 512
+_CPU_BATCH = 32
+# Images resized per call on the GPU: float copies of 128 full-HD frames are ~3 GB, bounded on any card.
+_RESIZE_CHUNK = 128
+
+
+def _is_path(pretrained: str) -> bool:
+    return os.path.sep in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth"))
+
+
+@dataclass
+class ClipEncoder:
+    """CLIP image/text encoder; build it with :meth:`load`. Thread-safe: model calls are serialised."""
+
+    model_name: str
+    pretrained: str
+    model_version: str
+    dim: int
+    device: torch.device
+    precision: str
+    model: torch.nn.Module = field(repr=False)
+    preprocess: Callable[[Image.Image], torch.Tensor] = field(repr=False)
+    tokenizer: Callable[[Sequence[str]], torch.Tensor] = field(repr=False)
+    image_size: int = 224
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    # Jobs run concurrently; one forward pass at a time keeps the device's memory and cores for it.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def load(
+        cls,
+        model_name: str = "ViT-B-32",
+        pretrained: str = "openai",
+        *,
+        device: str | None = None,
+        precision: str | None = None,
+        model_version: str | None = None,
+    ) -> ClipEncoder:
+        """Load weights: ``pretrained`` is an open_clip tag (``openai``), a local file, or ``none``.
+
+        ``device`` defaults to CUDA when present; ``precision`` to fp16 on CUDA and fp32 on CPU
+        (bf16 on CPU is an opt-in: about twice as fast, cosine >= 0.997 against fp32).
+        """
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        precision = precision or ("fp16" if dev.type == "cuda" else "fp32")
+        if precision not in _DTYPES:
+            raise InternalError(f"CLIP_PRECISION must be one of {', '.join(_DTYPES)}", retryable=False)
+        if dev.type == "cpu" and precision == "fp16":
+            raise InternalError(
+                "fp16 is for CUDA only; use CLIP_PRECISION=bf16 or fp32 on CPU", retryable=False
+            )
+        weights: str | None = None if pretrained.lower() == "none" else pretrained
+        if weights and _is_path(weights) and not os.path.isfile(weights):
+            raise InternalError(f"CLIP_PRETRAINED file not found: {weights}", retryable=False)
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                model_name,
+                pretrained=weights,
+                device=dev,
+                # open_clip's "pure" fp16/bf16: low-precision weights and inputs, no autocast.
+                precision=precision,
+                # OpenAI's weights were trained with QuickGELU; plain ViT-B-32 uses nn.GELU, which
+                # loads without complaint and gives subtly wrong embeddings.
+                force_quick_gelu=weights == "openai",
+            )
+        except Exception as exc:
+            raise InternalError(
+                f"Could not load CLIP model {model_name!r} with weights {pretrained!r}: {exc}. Without "
+                "network access set CLIP_PRETRAINED=<path to a .safetensors file> (or bake the weights "
+                "into the image), or CLIP_PRETRAINED=none for random weights in tests",
+                retryable=False,
+            ) from exc
+        model.eval()
+        cfg = model.visual.preprocess_cfg
+        size = cfg["size"]
+        return cls(
+            model_name=model_name,
+            pretrained=pretrained,
+            model_version=model_version or derive_model_version(model_name, pretrained),
+            dim=int(model.visual.output_dim),
+            device=dev,
+            precision=precision,
+            model=model,
+            preprocess=preprocess,
+            tokenizer=open_clip.get_tokenizer(model_name),
+            image_size=int(size if isinstance(size, int) else size[0]),
+            mean=tuple(cfg["mean"]),
+            std=tuple(cfg["std"]),
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.precision]
+
+    # ------------------------------------------------------------------------------------ decoding
+    def _open(self, data: bytes) -> Image.Image:
+        """Parse the header only and refuse decompression bombs before any pixel is decoded."""
+        try:
+            with warnings.catch_warnings():
+                # Pillow only warns between MAX_IMAGE_PIXELS and twice that; we refuse at the limit.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image = Image.open(io.BytesIO(data))
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise InvalidImageError(f"Image refused: too many pixels ({exc})") from exc
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise InvalidImageError("Image could not be decoded: not a supported image format") from exc
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit is not None and image.width * image.height > limit:
+            raise InvalidImageError(
+                f"Image refused: {image.width}x{image.height} pixels is over the {limit} pixel limit"
+            )
+        return image
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """Bytes -> preprocessed (3, size, size) float32 CPU tensor, as open_clip's preprocess makes it."""
+        image = self._open(data)
+        try:
+            if image.format == "JPEG":
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below the model's input size:
+                # a 1280x720 frame decodes as 640x360 at about half the cost.
+                image.draft("RGB", (self.image_size, self.image_size))
+            # convert() forces the full decode, so truncated or corrupt data fails here.
+            return self.preprocess(image.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise InvalidImageError(f"Image could not be decoded: {exc}") from exc
+        finally:
+            image.close()
+
+    def _decode_cuda(self, images: Sequence[bytes]) -> list[torch.Tensor | ClipError]:
+        """Decode JPEGs on the GPU in one call and resize them in same-size groups."""
+        out: list[torch.Tensor | ClipError | None] = [None] * len(images)
+        jpeg_idx: list[int] = []
+        for i, data in enumerate(images):
+            try:
+                if data[:3] == _JPEG_MAGIC and self._open(data).format == "JPEG":
+                    jpeg_idx.append(i)
+                else:  # PNG, WebP, ...: nvJPEG does not read them
+                    out[i] = self.decode(data).to(self.device)
+            except InvalidImageError as exc:
+                out[i] = exc
+        if jpeg_idx:
+            encoded = [torch.frombuffer(bytearray(images[i]), dtype=torch.uint8) for i in jpeg_idx]
+            try:
+                decoded = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+            except RuntimeError:
+                # One corrupt JPEG fails the whole batched call: find it on the CPU path, which
+                # also gives that image its own error.
+                for i in jpeg_idx:
+                    try:
+                        out[i] = self.decode(images[i]).to(self.device)
+                    except InvalidImageError as exc:
+                        out[i] = exc
+            else:
+                groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+                for k, img in enumerate(decoded):
+                    groups[(img.shape[1], img.shape[2])].append(k)
+                for members in groups.values():
+                    for start in range(0, len(members), _RESIZE_CHUNK):
+                        chunk = members[start : start + _RESIZE_CHUNK]
+                        batch = self._resize_crop(torch.stack([decoded[k] for k in chunk]))
+                        for k, tensor in zip(chunk, batch, strict=True):
+                            out[jpeg_idx[k]] = tensor
+        return [o if o is not None else InternalError("image was not decoded") for o in out]
+
+    def _resize_crop(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) uint8 on the device -> normalised (N, 3, size, size), like the CPU preprocess."""
+        size = self.image_size
+        # Antialiased bicubic on the shorter side matches PIL's resize (what open_clip uses on CPU).
+        resized = TF.resize(batch.float(), [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        cropped = TF.center_crop(resized, [size, size]).clamp_(0, 255).div_(255)
+        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        return cropped.sub_(mean).div_(std)
+
+    # ------------------------------------------------------------------------------------ encoding
+    def encode_tensors(self, batch: torch.Tensor, *, normalize: bool = True) -> np.ndarray:
+        """Preprocessed (N, 3, size, size) images -> (N, dim) float32 embeddings."""
+        chunk = _CUDA_BATCH if self.device.type == "cuda" else _CPU_BATCH
+        parts = []
+        with self._lock, torch.inference_mode():
+            for start in range(0, batch.shape[0], chunk):
+                x = batch[start : start + chunk].to(self.device, self.dtype, non_blocking=True)
+                feats = self.model.encode_image(x)
+                # Normalise in fp32: fp16 sums of squares lose precision.
+                feats = feats.float()
+                parts.append(F.normalize(feats, dim=-1) if normalize else feats)
+            out = torch.cat(parts) if parts else torch.empty(0, self.dim)
+            return out.cpu().numpy().astype(np.float32, copy=False)
+
+    def encode_bytes(
+        self, images: Sequence[bytes], *, normalize: bool = True
+    ) -> list[np.ndarray | ClipError]:
+        """One slot per input, in order: a (dim,) float32 vector, or the error for that image."""
+        if self.device.type == "cuda":
+            decoded: list[torch.Tensor | ClipError] = self._decode_cuda(images)
+        else:
+            decoded = []
+            for data in images:
+                try:
+                    decoded.append(self.decode(data))
+                except InvalidImageError as exc:
+                    decoded.append(exc)
+        tensors = [d for d in decoded if isinstance(d, torch.Tensor)]
+        rows = iter(self.encode_tensors(torch.stack(tensors), normalize=normalize)) if tensors else iter(())
+        return [next(rows) if isinstance(d, torch.Tensor) else d for d in decoded]
+
+    def encode_text(self, texts: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        """Texts -> (N, dim) float32, in the same space as the images (text -> scene search)."""
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        with self._lock, torch.inference_mode():
+            feats = self.model.encode_text(tokens).float()
+            if normalize:
+                feats = F.normalize(feats, dim=-1)
+            return feats.cpu().numpy().astype(np.float32, copy=False)

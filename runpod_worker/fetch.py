@@ -1,0 +1,215 @@
+"""SSRF-safe image download for job-supplied URLs (modelled on runpod-python's ``rp_ssrf.py``).
+
+A job names any URL it likes and the worker fetches it from inside RunPod's network, so without
+checks a signed-but-malicious (or leaked-secret) job could read cloud metadata (169.254.169.254) or
+services on private addresses (CWE-918). Every hop is therefore checked: scheme, host allowlist,
+every resolved address, then the connection is pinned to a checked address so a DNS answer that
+changes between check and connect (rebinding) cannot slip through. Size and time are capped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+import httpx
+
+from runpod_worker.config import WorkerConfig
+from runpod_worker.protocol import (
+    ImageDownloadError,
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidRequestError,
+)
+
+_ALLOWED_SCHEMES = ("http", "https")
+_REDIRECT_STATUS = frozenset((301, 302, 303, 307, 308))
+# CGNAT (RFC 6598) is not ``is_private`` before CPython 3.12.4, so it is listed explicitly.
+_EXTRA_BLOCKED = (ipaddress.ip_network("100.64.0.0/10"),)
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    max_bytes: int = 10 * 1024 * 1024
+    timeout_s: float = 30.0
+    # Empty: any public host. Entries match the host exactly; ".example.com" also matches subdomains.
+    host_allowlist: tuple[str, ...] = ()
+    # Tests and same-VPC setups only: skips the address checks, never the scheme/allowlist/size ones.
+    allow_private: bool = False
+    max_redirects: int = 5
+
+    @classmethod
+    def from_config(cls, config: WorkerConfig) -> FetchPolicy:
+        return cls(
+            max_bytes=config.max_image_bytes,
+            timeout_s=config.download_timeout_s,
+            host_allowlist=config.host_allowlist,
+            allow_private=config.allow_private_hosts,
+        )
+
+
+def is_public_address(ip: str) -> bool:
+    """True only for a globally routable unicast address; unparseable input is not public."""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id ("fe80::1%eth0")
+    except ValueError:
+        return False
+    # ::ffff:10.0.0.1 reaches 10.0.0.1: classify the IPv4 address it wraps.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if any(address in net for net in _EXTRA_BLOCKED):
+        return False
+    # link-local covers 169.254.169.254 (cloud metadata); each flag is a class no image host lives in.
+    if (
+        address.is_private
+        or address.is_loopback
+        or address.is_link_local
+        or address.is_multicast
+        or address.is_reserved
+        or address.is_unspecified
+    ):
+        return False
+    return address.is_global
+
+
+def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:
+    host = host.lower().rstrip(".")
+    if not allowlist:
+        return True
+    return any(host == entry or (entry.startswith(".") and host.endswith(entry)) for entry in allowlist)
+
+
+async def _resolve(host: str, port: int, policy: FetchPolicy) -> str:
+    """Resolve ``host`` and return the address to connect to; refuse if ANY address is not public.
+
+    A host answering with one public and one private address is treated as hostile: which one a
+    client would pick is not ours to predict.
+    """
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        # DNS hiccups are usually transient, so this one may be retried.
+        raise ImageDownloadError(f"Image download failed: could not resolve host {host!r}") from exc
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    if not addresses:
+        raise ImageDownloadError(f"Image download failed: host {host!r} has no address")
+    if not policy.allow_private:
+        for ip in addresses:
+            if not is_public_address(ip):
+                raise InvalidRequestError(
+                    f"image_url host {host!r} resolves to a non-public address; refused "
+                    "(set IMAGE_ALLOW_PRIVATE_HOSTS=true only for local testing)"
+                )
+    return addresses[0]
+
+
+async def _check_url(url: str, policy: FetchPolicy) -> tuple[httpx.URL, str]:
+    """Validate one hop; return the pinned URL (host replaced by a checked IP) and the Host header."""
+    parts = urlsplit(url)
+    # file://, ftp://, gopher:// and friends reach local files or other protocols: only web fetches.
+    if parts.scheme.lower() not in _ALLOWED_SCHEMES:
+        raise InvalidRequestError(f"image_url scheme {parts.scheme!r} is not allowed (http or https only)")
+    host = parts.hostname
+    if not host:
+        raise InvalidRequestError("image_url has no host")
+    # userinfo would be sent as Basic auth to whoever the URL names; a signed URL never needs it.
+    if parts.username or parts.password:
+        raise InvalidRequestError("image_url must not carry credentials")
+    if not host_allowed(host, policy.host_allowlist):
+        raise InvalidRequestError(f"image_url host {host!r} is not in IMAGE_HOST_ALLOWLIST")
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+    except ValueError as exc:
+        raise InvalidRequestError("image_url has an invalid port") from exc
+    ip = await _resolve(host, port, policy)
+    pinned = httpx.URL(url).copy_with(host=ip)
+    return pinned, parts.netloc.rsplit("@", 1)[-1]
+
+
+async def _get_once(
+    client: httpx.AsyncClient, url: str, policy: FetchPolicy
+) -> tuple[bytes, None] | tuple[None, str]:
+    """One hop: (body, None), or (None, next URL) for a redirect."""
+    pinned, host_header = await _check_url(url, policy)
+    request = client.build_request(
+        "GET",
+        pinned,
+        headers={"Host": host_header, "Accept": "image/*"},
+        # TLS must still present and verify the real name, not the pinned IP.
+        extensions={"sni_hostname": urlsplit(url).hostname},
+    )
+    response = await client.send(request, stream=True)
+    try:
+        if response.status_code in _REDIRECT_STATUS:
+            location = response.headers.get("location")
+            if not location:
+                raise ImageDownloadError("Image download failed: redirect without Location", retryable=False)
+            return None, urljoin(url, location)
+        if 400 <= response.status_code < 500:
+            # An expired or bad signed URL (Supabase answers 400 InvalidJWT) will not heal by retrying
+            # the same URL: the caller must sign a new one.
+            raise ImageDownloadError(
+                f"Image download failed: HTTP {response.status_code} from the image host (expired or "
+                "invalid signed URL?)",
+                retryable=False,
+            )
+        if response.status_code >= 300:
+            raise ImageDownloadError(
+                f"Image download failed: HTTP {response.status_code} from the image host"
+            )
+        content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if not content_type.startswith("image/"):
+            raise InvalidImageError(f"Image host sent content type {content_type or 'none'!r}, not image/*")
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > policy.max_bytes:
+            raise ImageTooLargeError(
+                f"Image is {int(declared)} bytes, over MAX_IMAGE_SIZE_BYTES={policy.max_bytes}"
+            )
+        # Content-Length may be absent or lie: count what actually arrives and stop at the cap.
+        body = bytearray()
+        async for chunk in response.aiter_raw(_CHUNK):
+            body += chunk
+            if len(body) > policy.max_bytes:
+                raise ImageTooLargeError(f"Image is over MAX_IMAGE_SIZE_BYTES={policy.max_bytes}")
+        return bytes(body), None
+    finally:
+        await response.aclose()
+
+
+async def fetch_image(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes:
+    """Download one image under ``policy``; raises a :class:`ClipError` subclass on any refusal.
+
+    ``client`` must not follow redirects itself (each hop is checked here) and should trust no proxy
+    environment (``trust_env=False``): a proxy would make the pinned address meaningless.
+    """
+    try:
+        async with asyncio.timeout(policy.timeout_s):
+            for _ in range(policy.max_redirects + 1):
+                body, redirect = await _get_once(client, url, policy)
+                if redirect is None:
+                    return body
+                url = redirect
+    except TimeoutError as exc:
+        raise ImageDownloadError(
+            f"Image download failed: Timeout after {policy.timeout_s:g}s (IMAGE_DOWNLOAD_TIMEOUT)"
+        ) from exc
+    except httpx.HTTPError as exc:
+        # Connection resets, protocol errors: the network's fault, worth a retry.
+        raise ImageDownloadError(f"Image download failed: {type(exc).__name__}") from exc
+    raise ImageDownloadError(
+        f"Image download failed: more than {policy.max_redirects} redirects", retryable=False
+    )
+
+
+def make_client(policy: FetchPolicy, *, max_connections: int = 16) -> httpx.AsyncClient:
+    """The client :func:`fetch_image` expects: no automatic redirects, no proxies from the environment."""
+    return httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(policy.timeout_s),
+        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+    )

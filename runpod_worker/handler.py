@@ -1,0 +1,245 @@
+"""RunPod serverless handler: verify the HMAC, fetch the image(s), return CLIP embeddings.
+
+Run ``python -m runpod_worker.handler`` (RunPod), add ``--rp_serve_api`` for a local HTTP API or
+``--test_input '{"input": ...}'`` for one job. The model loads once at start, never per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from runpod_worker.config import WorkerConfig
+from runpod_worker.encoder import ClipEncoder
+from runpod_worker.fetch import FetchPolicy, fetch_image, make_client
+from runpod_worker.protocol import (
+    ClipError,
+    EmbedRequest,
+    InternalError,
+    ModelMismatchError,
+    Verifier,
+    encode_embedding,
+    encode_job_error,
+    parse_request,
+)
+
+logger = logging.getLogger("runpod_worker")
+
+# Downloads a URL list; returns one (bytes or that URL's error, download ms) per URL, in order. The
+# seam lets the bench time the handler with the bytes already in memory.
+Fetched = tuple[bytes | ClipError, float]
+Fetcher = Callable[[Sequence[str]], Awaitable[list[Fetched]]]
+
+
+@dataclass(frozen=True)
+class WorkerState:
+    config: WorkerConfig
+    encoder: ClipEncoder
+    verifier: Verifier | None  # None only when WORKER_ALLOW_INSECURE_NO_AUTH=true and no secret is set
+
+    @classmethod
+    def create(cls, config: WorkerConfig, encoder: ClipEncoder | None = None) -> WorkerState:
+        if config.allow_insecure_no_auth:
+            logger.warning(
+                "!!! WORKER_ALLOW_INSECURE_NO_AUTH=true and no EMBEDDING_HMAC_SECRET: accepting UNSIGNED "
+                "jobs. Never deploy this. !!!"
+            )
+        encoder = encoder or ClipEncoder.load(
+            config.model_name,
+            config.pretrained,
+            device=config.device,
+            precision=config.precision,
+            model_version=config.model_version,
+        )
+        verifier = Verifier(config.hmac_secrets, config.auth_window_s) if config.hmac_secrets else None
+        logger.info(
+            "CLIP worker ready (model=%s, pretrained=%s, version=%s, device=%s, precision=%s, secrets=%d)",
+            encoder.model_name,
+            os.path.basename(encoder.pretrained),
+            encoder.model_version,
+            encoder.device,
+            encoder.precision,
+            len(config.hmac_secrets),
+        )
+        return cls(config, encoder, verifier)
+
+
+_state: WorkerState | None = None
+
+
+def get_state() -> WorkerState:
+    """The process's worker state, built from the environment on first use."""
+    global _state
+    if _state is None:
+        _state = WorkerState.create(WorkerConfig.from_env(os.environ))
+    return _state
+
+
+def set_state(state: WorkerState) -> None:
+    """Install a prepared state (tests and the bench reuse one loaded encoder)."""
+    global _state
+    _state = state
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 2)
+
+
+def http_fetcher(config: WorkerConfig) -> Fetcher:
+    """Concurrent, SSRF-checked downloads over one connection pool per job."""
+    policy = FetchPolicy.from_config(config)
+    limit = asyncio.Semaphore(config.download_concurrency)
+
+    async def fetch_all(urls: Sequence[str]) -> list[Fetched]:
+        async with make_client(policy, max_connections=config.download_concurrency) as client:
+
+            async def one(url: str) -> Fetched:
+                async with limit:
+                    started = time.perf_counter()
+                    try:
+                        return await fetch_image(client, url, policy), _ms(started)
+                    except ClipError as exc:
+                        return exc, _ms(started)
+
+            return list(await asyncio.gather(*(one(u) for u in urls)))
+
+    return fetch_all
+
+
+async def embed_downloaded(
+    state: WorkerState, request: EmbedRequest, fetched: Sequence[Fetched], download_ms: float
+) -> dict[str, Any]:
+    """Bytes -> output dict. Raises :class:`ClipError` only for a failed single-image job."""
+    started = time.perf_counter()
+    payloads = [payload for payload, _ in fetched]
+    good = [p for p in payloads if isinstance(p, bytes)]
+    # The model call is seconds of CPU (or a GPU sync): off the event loop so other jobs' downloads
+    # and RunPod's heartbeat keep running.
+    encoded = await asyncio.to_thread(state.encoder.encode_bytes, good, normalize=request.normalize)
+    rows = iter(encoded)
+    slots: list[np.ndarray | ClipError] = [p if isinstance(p, ClipError) else next(rows) for p in payloads]
+    inference_ms = _ms(started)
+    encoder = state.encoder
+    head = {
+        "dim": encoder.dim,
+        "model": encoder.model_name,
+        "pretrained": encoder.pretrained,
+        "model_version": encoder.model_version,
+        "encoding": request.encoding,
+    }
+    timings = {"download_ms": download_ms, "inference_ms": inference_ms}
+    if not request.batch:
+        result = slots[0]
+        if isinstance(result, ClipError):
+            raise result
+        return {
+            "embedding": encode_embedding(result, request.encoding),
+            **head,
+            "request_id": request.items[0].request_id,
+            "timings": timings,
+        }
+    # Per image: its own download time and an even share of the batched model time.
+    share = round(inference_ms / max(len(good), 1), 2)
+    results: list[dict[str, Any]] = []
+    for item, result, (_, item_download_ms) in zip(request.items, slots, fetched, strict=True):
+        if isinstance(result, ClipError):
+            results.append({"request_id": item.request_id, "error": result.to_dict()})
+        else:
+            results.append(
+                {
+                    "request_id": item.request_id,
+                    "embedding": encode_embedding(result, request.encoding),
+                    "timings": {"download_ms": item_download_ms, "inference_ms": share},
+                }
+            )
+    return {**head, "results": results, "timings": timings}
+
+
+async def handle_input(job_input: Any, state: WorkerState, fetch: Fetcher | None = None) -> dict[str, Any]:
+    """Parse, authenticate, fetch, embed. Raises :class:`ClipError` for a failed job."""
+    started = time.perf_counter()
+    request = parse_request(job_input)
+    # Authenticate before anything else, so an unsigned caller learns nothing about the worker.
+    if state.verifier is not None:
+        state.verifier.verify(request.message, request.ts, request.sig)
+    if request.model is not None and request.model != state.encoder.model_name:
+        raise ModelMismatchError(
+            f"Request asks for model {request.model!r}; this worker serves {state.encoder.model_name!r}"
+        )
+    fetch = fetch or http_fetcher(state.config)
+    fetch_started = time.perf_counter()
+    fetched = await fetch([item.image_url for item in request.items])
+    output = await embed_downloaded(state, request, fetched, _ms(fetch_started))
+    output["timings"]["total_ms"] = _ms(started)
+    return output
+
+
+async def handler(job: Mapping[str, Any]) -> dict[str, Any]:
+    """RunPod entry: never raises (a raised exception would hand the caller our traceback)."""
+    request_id = None
+    try:
+        job_input = job.get("input")
+        if isinstance(job_input, Mapping):
+            request_id = job_input.get("request_id")
+        output = await handle_input(job_input, get_state())
+    except ClipError as err:
+        logger.warning("Job failed (request_id=%s): %s: %s", request_id, err.code, err.message)
+        return encode_job_error(err)
+    except Exception:
+        # Full detail stays in our log; the caller gets a stable code and no internals.
+        logger.exception("Job failed unexpectedly (request_id=%s)", request_id)
+        return encode_job_error(InternalError("Internal worker error; see the worker logs"))
+    t = output["timings"]
+    if "results" in output:
+        failed = sum("error" in r for r in output["results"])
+        logger.info(
+            "CLIP batch embedded (images=%d, failed=%d, dim=%d, download=%.1fms, inference=%.1fms, "
+            "total=%.1fms)",
+            len(output["results"]),
+            failed,
+            output["dim"],
+            t["download_ms"],
+            t["inference_ms"],
+            t["total_ms"],
+        )
+    else:
+        logger.info(
+            "CLIP embedding generated (request_id=%s, dim=%d, download=%.1fms, inference=%.1fms, "
+            "total=%.1fms)",
+            request_id,
+            output["dim"],
+            t["download_ms"],
+            t["inference_ms"],
+            t["total_ms"],
+        )
+    return output
+
+
+def concurrency_modifier(current: int) -> int:
+    """Jobs one worker takes at once: downloads of one overlap the model run of another."""
+    return get_state().config.job_concurrency
+
+
+def main() -> None:
+    # Configure logging before `import runpod`, whose basicConfig(level=INFO) then changes nothing.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        get_state()
+    except ClipError as err:
+        logger.error("CLIP worker cannot start: %s", err.message)
+        sys.exit(2)
+    import runpod  # imported late: ~1.5 s, and only the RunPod entry point needs it
+
+    runpod.serverless.start({"handler": handler, "concurrency_modifier": concurrency_modifier})
+
+
+if __name__ == "__main__":
+    main()
