@@ -52,15 +52,22 @@ class FetchPolicy:
         )
 
 
-def is_public_address(ip: str) -> bool:
-    """True only for a globally routable unicast address; unparseable input is not public."""
+def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id ("fe80::1%eth0")
     except ValueError:
-        return False
+        return None
     # ::ffff:10.0.0.1 reaches 10.0.0.1: classify the IPv4 address it wraps.
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+        return address.ipv4_mapped
+    return address
+
+
+def is_public_address(ip: str) -> bool:
+    """True only for a globally routable unicast address; unparseable input is not public."""
+    address = _parse_ip(ip)
+    if address is None:
+        return False
     if any(address in net for net in _EXTRA_BLOCKED):
         return False
     # link-local covers 169.254.169.254 (cloud metadata); each flag is a class no image host lives in.
@@ -74,6 +81,13 @@ def is_public_address(ip: str) -> bool:
     ):
         return False
     return address.is_global
+
+
+def _never_allowed(ip: str) -> bool:
+    """Addresses refused even with ``allow_private``: link-local holds cloud metadata (169.254.169.254)
+    and no image host; multicast and unspecified addresses are never a server."""
+    address = _parse_ip(ip)
+    return address is None or address.is_link_local or address.is_multicast or address.is_unspecified
 
 
 def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:
@@ -97,13 +111,12 @@ async def _resolve(host: str, port: int, policy: FetchPolicy) -> str:
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     if not addresses:
         raise ImageDownloadError(f"Image download failed: host {host!r} has no address")
-    if not policy.allow_private:
-        for ip in addresses:
-            if not is_public_address(ip):
-                raise InvalidRequestError(
-                    f"image_url host {host!r} resolves to a non-public address; refused "
-                    "(set IMAGE_ALLOW_PRIVATE_HOSTS=true only for local testing)"
-                )
+    for ip in addresses:
+        if _never_allowed(ip) or not (policy.allow_private or is_public_address(ip)):
+            raise InvalidRequestError(
+                f"image_url host {host!r} resolves to a non-public address; refused "
+                "(IMAGE_ALLOW_PRIVATE_HOSTS=true allows private and loopback hosts, for local testing)"
+            )
     return addresses[0]
 
 

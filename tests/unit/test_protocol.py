@@ -1,0 +1,87 @@
+"""The wire contract: golden signing vectors and every way authentication can fail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from runpod_worker import protocol
+from runpod_worker.protocol import AuthError, ImageItem, Verifier
+
+VECTORS = json.loads((Path(__file__).parents[1] / "data" / "hmac_vectors.json").read_text())["vectors"]
+NOW = 1_764_115_200
+
+
+@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['kind']}-{v['sig'][:8]}")
+def test_golden_vectors(vector: dict[str, Any]) -> None:
+    urls, ts, secret = vector["image_urls"], vector["ts"], vector["secret"]
+    if vector["kind"] == "single":
+        assert protocol.single_message(urls[0], ts) == vector["message"]
+        assert protocol.sign_single(urls[0], ts, secret) == vector["sig"]
+        body = protocol.build_single_request(urls[0], secret, ts=ts)
+    else:
+        assert protocol.batch_message(urls, ts) == vector["message"]
+        assert protocol.sign_batch(urls, ts, secret) == vector["sig"]
+        body = protocol.build_batch_request([ImageItem(u) for u in urls], secret, ts=ts)
+    request = protocol.parse_request(body)
+    assert request.message == vector["message"]
+    Verifier([secret]).verify(request.message, ts, vector["sig"], now=ts)
+
+
+def test_batch_signature_is_not_a_single_signature() -> None:
+    sig = protocol.sign_batch(["https://h/a.jpg"], NOW, "k")
+    with pytest.raises(AuthError, match="bad signature"):
+        Verifier(["k"]).verify(protocol.single_message("https://h/a.jpg", NOW), NOW, sig, now=NOW)
+
+
+def _single(secret: str = "k", ts: int = NOW) -> tuple[str, int, str]:
+    url = "https://h/a.jpg"
+    return protocol.single_message(url, ts), ts, protocol.sign_single(url, ts, secret)
+
+
+@pytest.mark.parametrize(
+    ("ts", "sig", "match"),
+    [
+        (NOW, None, "missing signature"),
+        (NOW, "", "missing signature"),
+        (str(NOW), "ab", "integer"),
+        (True, "ab", "integer"),
+        (NOW, "0" * 64, "bad signature"),
+    ],
+)
+def test_malformed_auth(ts: Any, sig: Any, match: str) -> None:
+    with pytest.raises(AuthError, match=match):
+        Verifier(["k"]).verify("m", ts, sig, now=NOW)
+
+
+def test_missing_auth_block() -> None:
+    with pytest.raises(AuthError, match="missing auth"):
+        protocol.parse_request({"image_url": "https://h/a.jpg"})
+
+
+@pytest.mark.parametrize("skew", [-121, 121])
+def test_stale_and_future_timestamps(skew: int) -> None:
+    message, ts, sig = _single(ts=NOW + skew)
+    with pytest.raises(AuthError, match="window"):
+        Verifier(["k"], window_s=120).verify(message, ts, sig, now=NOW)
+
+
+def test_replay_refused() -> None:
+    verifier = Verifier(["k"])
+    message, ts, sig = _single()
+    verifier.verify(message, ts, sig, now=NOW)
+    with pytest.raises(AuthError, match="replay"):
+        verifier.verify(message, ts, sig.upper(), now=NOW + 1)
+
+
+def test_rotation_accepts_current_and_previous() -> None:
+    verifier = Verifier(["new", "old"])
+    for secret in ("new", "old"):
+        message, ts, sig = _single(secret)
+        verifier.verify(message, ts, sig, now=NOW)
+    message, ts, sig = _single("other")
+    with pytest.raises(AuthError):
+        verifier.verify(message, ts, sig, now=NOW)
