@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,6 +18,7 @@ import av
 import cv2
 from PIL import Image, ImageDraw, ImageFont
 from scenedetect import AdaptiveDetector, ContentDetector, SceneManager, ThresholdDetector, open_video
+from scenedetect.detector import FlashFilter
 from scenedetect.scene_manager import compute_downscale_factor
 
 from heimdex_clip_assets.lib.errors import InvalidVideoError
@@ -79,25 +81,18 @@ class Keyframe:
 
 def probe_video(path: str | Path) -> VideoInfo:
     """Read a video's duration, frame rate and size, and check that its first frame decodes."""
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise _undecodable(path, "it has no video stream")
-            stream = container.streams.video[0]
-            first = next(container.decode(stream), None)
-            if first is None:
-                raise _undecodable(path, "no frame decodes")
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            if stream.duration is not None and stream.time_base is not None:
-                duration_s = float(stream.duration * stream.time_base)
-            else:
-                duration_s = (container.duration or 0) / av.time_base
-            # Some containers do not record a frame count; the duration gives a close estimate.
-            frame_count = stream.frames or round(duration_s * fps)
-            size = stream.codec_context.width, stream.codec_context.height
-            return VideoInfo(duration_s, fps, *size, frame_count)
-    except (av.FFmpegError, OSError) as e:
-        raise _undecodable(path, str(e)) from e
+    with _open_video(path) as (container, stream):
+        if next(container.decode(stream), None) is None:
+            raise _undecodable(path, "no frame decodes")
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        if stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        else:
+            duration_s = (container.duration or 0) / av.time_base
+        # Some containers do not record a frame count; the duration gives a close estimate.
+        frame_count = stream.frames or round(duration_s * fps)
+        size = stream.codec_context.width, stream.codec_context.height
+        return VideoInfo(duration_s, fps, *size, frame_count)
 
 
 def detect_scenes(
@@ -215,7 +210,13 @@ def _make_detector(
 ) -> ContentDetector | AdaptiveDetector | ThresholdDetector:
     # PySceneDetect reads a float min_scene_len as seconds.
     if kind == "content":
-        return ContentDetector(min_scene_len=min_scene_len_s, **_kw("threshold", threshold))
+        # SUPPRESS, not the default MERGE: a montage of shots shorter than the minimum still splits
+        # every min_scene_len_s instead of collapsing into one long scene nobody can search.
+        return ContentDetector(
+            min_scene_len=min_scene_len_s,
+            filter_mode=FlashFilter.Mode.SUPPRESS,
+            **_kw("threshold", threshold),
+        )
     if kind == "adaptive":
         return AdaptiveDetector(min_scene_len=min_scene_len_s, **_kw("adaptive_threshold", threshold))
     if kind == "threshold":
@@ -230,32 +231,41 @@ def _kw(name: str, value: float | None) -> dict[str, float]:
 
 def _frames_at(path: str | Path, times: list[float]) -> Iterator[av.VideoFrame]:
     """The frame shown at each of the sorted ``times``, in one forward pass that seeks over long gaps."""
+    with _open_video(path) as (container, stream):
+        stream.thread_type = "AUTO"
+        half_frame = 0.5 / float(stream.average_rate or 25)
+        i = 0
+        last = None
+        while i < len(times):
+            container.seek(int(times[i] / stream.time_base), stream=stream, backward=True)
+            seeked_for = i
+            for frame in _decode(container, stream):
+                last = frame
+                while i < len(times) and times[i] <= frame.time + half_frame:
+                    yield frame
+                    i += 1
+                # Break to seek only after progress since the last seek, or a GOP longer than the
+                # gap would seek back to the same keyframe forever.
+                if i == len(times) or (i != seeked_for and times[i] - frame.time > _SEEK_GAP_S):
+                    break
+            else:
+                # Past the end (a scene end rounded up): the last frame is the closest one.
+                if last is None:
+                    raise _undecodable(path, "no frame decodes")
+                yield from [last] * (len(times) - i)
+                i = len(times)
+
+
+@contextmanager
+def _open_video(path: str | Path) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
+    """The file's first video stream; any decoding failure inside becomes an InvalidVideoError."""
     try:
         with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            half_frame = 0.5 / float(stream.average_rate or 25)
-            i = 0
-            last = None
-            while i < len(times):
-                container.seek(int(times[i] / stream.time_base), stream=stream, backward=True)
-                seeked_for = i
-                for frame in _decode(container, stream):
-                    last = frame
-                    while i < len(times) and times[i] <= frame.time + half_frame:
-                        yield frame
-                        i += 1
-                    # Break to seek only after progress since the last seek, or a GOP longer than
-                    # the gap would seek back to the same keyframe forever.
-                    if i == len(times) or (i != seeked_for and times[i] - frame.time > _SEEK_GAP_S):
-                        break
-                else:
-                    # Past the end (a scene end rounded up): the last frame is the closest one.
-                    if last is None:
-                        raise _undecodable(path, "no frame decodes")
-                    yield from [last] * (len(times) - i)
-                    i = len(times)
-    except av.FFmpegError as e:
+            if not container.streams.video:
+                raise _undecodable(path, "it has no video stream")
+            yield container, container.streams.video[0]
+    # PyAV's missing-file error is an FFmpegError and an OSError; the OSError also covers unreadable.
+    except (av.FFmpegError, OSError) as e:
         raise _undecodable(path, str(e)) from e
 
 

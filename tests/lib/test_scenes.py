@@ -1,0 +1,144 @@
+"""Scene detection, keyframe choice and thumbnails on synthetic videos whose cuts we know."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import wave
+from itertools import pairwise
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from heimdex_clip_assets.lib.errors import InvalidVideoError
+from heimdex_clip_assets.lib.sample_video import OPENING_FRACTION
+from heimdex_clip_assets.lib.scenes import (
+    Scene,
+    contact_sheet,
+    detect_scenes,
+    make_thumbnail,
+    pick_keyframes,
+    probe_video,
+)
+from tests.fixtures.video import SAMPLE_CUTS, SAMPLE_VIDEO, MakeVideo
+
+FRAME_S = 1 / SAMPLE_VIDEO["fps"]
+
+
+def assert_tiles(scenes: list[Scene], duration_s: float) -> None:
+    assert [s.index for s in scenes] == list(range(len(scenes)))
+    assert scenes[0].start_s == 0.0
+    assert scenes[-1].end_s == pytest.approx(duration_s, abs=FRAME_S)
+    assert all(a.end_s == b.start_s for a, b in pairwise(scenes))
+
+
+def test_probe_reads_duration_rate_and_size(sample_video: Path) -> None:
+    info = probe_video(sample_video)
+    assert (info.width, info.height, info.fps) == (640, 360, 25.0)
+    assert info.duration_s == pytest.approx(6.0, abs=FRAME_S)
+    assert info.frame_count == 150
+
+
+@pytest.mark.parametrize("detector", ["content", "adaptive"])
+def test_cuts_are_found_near_ground_truth(sample_video: Path, detector: str) -> None:
+    scenes = detect_scenes(sample_video, detector=detector)  # type: ignore[arg-type]
+    assert_tiles(scenes, 6.0)
+    # Frame skipping may place a cut one frame late.
+    assert [s.start_s for s in scenes[1:]] == pytest.approx(SAMPLE_CUTS, abs=2 * FRAME_S)
+
+
+def test_threshold_detector_still_tiles_the_video(sample_video: Path) -> None:
+    assert_tiles(detect_scenes(sample_video, detector="threshold"), 6.0)
+
+
+def test_unknown_detector_is_refused(sample_video: Path) -> None:
+    with pytest.raises(ValueError, match="detector must be"):
+        detect_scenes(sample_video, detector="magic")  # type: ignore[arg-type]
+
+
+def test_minimum_scene_length_is_respected(make_video: MakeVideo) -> None:
+    video = make_video(scenes=6, scene_seconds=0.8, size=(320, 180))
+    assert len(detect_scenes(video, min_scene_len_s=0.5)) == 6
+    scenes = detect_scenes(video, min_scene_len_s=1.0)
+    # Shots shorter than the minimum are suppressed, not merged into one scene.
+    assert 1 < len(scenes) < 6
+    assert all(s.duration_s >= 1.0 - FRAME_S for s in scenes[:-1])
+
+
+def test_video_without_cuts_is_one_whole_scene(make_video: MakeVideo) -> None:
+    assert detect_scenes(make_video(scenes=1, scene_seconds=2.0, size=(320, 180))) == [Scene(0, 0.0, 2.0)]
+
+
+def test_keyframes_avoid_dark_and_blurred_openings(sample_video: Path) -> None:
+    scenes = detect_scenes(sample_video)
+    keyframes = pick_keyframes(sample_video, scenes)
+    assert [k.index for k in keyframes] == [s.index for s in scenes]
+    for scene, keyframe in zip(scenes, keyframes, strict=True):
+        assert scene.start_s <= keyframe.time_s < scene.end_s
+        assert keyframe.image.size == (640, 360)
+        assert 0.15 < keyframe.brightness < 0.9
+        if scene.index > 0:  # odd scenes fade in from near-black, even ones come into focus
+            assert (keyframe.time_s - scene.start_s) / scene.duration_s > OPENING_FRACTION
+
+
+def test_keyframe_prefers_the_lit_frame_of_a_fade_in(sample_video: Path) -> None:
+    # Only the fade-in of scene 1: the earlier candidates are near-black, the last is almost lit.
+    start = SAMPLE_CUTS[0]
+    fade = Scene(0, start, start + OPENING_FRACTION * SAMPLE_VIDEO["scene_seconds"])
+    (keyframe,) = pick_keyframes(sample_video, [fade])
+    assert keyframe.time_s > start + 0.7 * fade.duration_s
+    assert keyframe.brightness > 0.2
+
+
+def test_keyframes_can_be_scaled_while_decoding(sample_video: Path) -> None:
+    keyframes = pick_keyframes(sample_video, [Scene(0, 0.0, 1.0)], max_side=320)
+    assert keyframes[0].image.size == (320, 180)
+
+
+def test_thumbnails_are_small_deterministic_jpegs(make_video: MakeVideo) -> None:
+    video = make_video(scenes=2, scene_seconds=0.6, size=(1280, 720))
+
+    def digests() -> list[str]:
+        keyframes = pick_keyframes(video, detect_scenes(video))
+        return [hashlib.sha256(make_thumbnail(k.image)).hexdigest() for k in keyframes]
+
+    keyframe = pick_keyframes(video, [Scene(0, 0.0, 0.6)])[0]
+    thumb = Image.open(io.BytesIO(make_thumbnail(keyframe.image)))
+    assert (thumb.format, thumb.size) == ("JPEG", (480, 270))
+    assert digests() == digests()
+
+
+def test_thumbnail_never_upscales() -> None:
+    assert Image.open(io.BytesIO(make_thumbnail(Image.new("RGB", (200, 100))))).size == (200, 100)
+
+
+def test_contact_sheet_is_a_grid_of_images_or_jpegs() -> None:
+    images: list[Image.Image | bytes] = [Image.new("RGB", (640, 360), "red")] * 4
+    images += [make_thumbnail(Image.new("RGB", (640, 360), "blue"))] * 3
+    sheet = Image.open(io.BytesIO(contact_sheet(images, columns=3, tile_width=100)))
+    assert (sheet.format, sheet.size) == ("JPEG", (300, 3 * 56))
+
+
+@pytest.fixture
+def audio_only(tmp_path: Path) -> Path:
+    path = tmp_path / "speech.mp4"
+    with wave.open(str(tmp_path / "speech.wav"), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(bytes(1600))
+    (tmp_path / "speech.wav").rename(path)
+    return path
+
+
+@pytest.mark.parametrize("bad", ["corrupt_video", "empty_video", "audio_only"])
+@pytest.mark.parametrize("call", [probe_video, detect_scenes, lambda p: pick_keyframes(p, [Scene(0, 0, 1)])])
+def test_non_videos_raise_a_clear_invalid_video_error(
+    bad: str, call: object, request: pytest.FixtureRequest
+) -> None:
+    path: Path = request.getfixturevalue(bad)
+    with pytest.raises(
+        InvalidVideoError, match=rf"'{path.name}' is not a video we can decode .*check the file"
+    ):
+        call(path)  # type: ignore[operator]
