@@ -5,4 +5,9 @@ import os
 # No model hub here, and tests must never try one.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-pytest_plugins = ["tests.fixtures.clip", "tests.fixtures.services", "tests.fixtures.video", "tests.fixtures.worker"]
+pytest_plugins = [
+    "tests.fixtures.clip",
+    "tests.fixtures.services",
+    "tests.fixtures.video",
+    "tests.fixtures.worker",
+]
