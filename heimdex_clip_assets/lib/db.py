@@ -106,7 +106,7 @@ def dagster_storage_url(settings: Settings) -> str:
     ``postgresql://`` to psycopg 3, with which dagster's run-event NOTIFY fails."""
     if settings.database_url:
         return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg2://", settings.database_url)
-    socket_dir = embedded_postgres(settings.home).get_postgres_socket_dir()
+    socket_dir = psycopg.conninfo.conninfo_to_dict(embedded_postgres(settings.home).get_uri())["host"]
     return f"postgresql+psycopg2://postgres@/postgres?host={quote(str(socket_dir), safe='/')}"
 
 
@@ -302,7 +302,7 @@ class VectorStore:
             thumbnail_sha256=row["thumbnail_sha256"],
             id=str(row["id"]),
             video_id=str(row["video_id"]),
-            embedding=None if embedding is None else np.asarray(embedding, dtype=np.float32),
+            embedding=None if embedding is None else embedding.to_numpy(),
             metadata=row["visual_clip_metadata"],
         )
 
@@ -392,7 +392,7 @@ class VectorStore:
             ).fetchall()
         return {
             row["thumbnail_sha256"]: (
-                np.asarray(row["embedding_visual_clip"], dtype=np.float32),
+                row["embedding_visual_clip"].to_numpy(),
                 row["visual_clip_metadata"],
             )
             for row in rows
