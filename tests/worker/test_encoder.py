@@ -1,0 +1,71 @@
+"""ClipEncoder on CPU with the random-init checkpoint, loaded through CLIP_PRETRAINED=<path>."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from runpod_worker.encoder import ClipEncoder
+from runpod_worker.protocol import InternalError, InvalidImageError
+from tests.worker.conftest import jpeg
+
+
+def test_loaded_once_with_public_fields(worker_encoder: ClipEncoder) -> None:
+    e = worker_encoder
+    assert (e.model_name, e.dim, e.device.type, e.precision) == ("ViT-B-32", 512, "cpu", "fp32")
+    assert e.model_version == "vit-b-32-random-vit-b-32-v1"
+
+
+def test_decode_matches_open_clip_preprocess(worker_encoder: ClipEncoder) -> None:
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(400, 300))).save(buf, "PNG")  # PNG: no draft, so exactly open_clip's path
+    png = buf.getvalue()
+    expected = worker_encoder.preprocess(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert torch.equal(worker_encoder.decode(png), expected)
+
+
+def test_jpeg_draft_stays_close(worker_encoder: ClipEncoder) -> None:
+    data = jpeg(1280, 720)
+    full = worker_encoder.encode_tensors(
+        worker_encoder.preprocess(Image.open(io.BytesIO(data)).convert("RGB"))[None]
+    )
+    drafted = worker_encoder.encode_bytes([data])[0]
+    assert isinstance(drafted, np.ndarray) and float(full[0] @ drafted) > 0.99
+
+
+def test_encode_bytes_slots_and_normalisation(worker_encoder: ClipEncoder, frame_jpeg: bytes) -> None:
+    out = worker_encoder.encode_bytes([frame_jpeg, b"not an image", frame_jpeg[: len(frame_jpeg) // 2]])
+    assert isinstance(out[0], np.ndarray) and out[0].shape == (512,) and out[0].dtype == np.float32
+    assert abs(float(np.linalg.norm(out[0])) - 1) < 1e-5
+    assert isinstance(out[1], InvalidImageError) and isinstance(out[2], InvalidImageError)
+    assert "truncated" in out[2].message
+    raw = worker_encoder.encode_bytes([frame_jpeg], normalize=False)[0]
+    assert isinstance(raw, np.ndarray) and np.allclose(raw / np.linalg.norm(raw), out[0], atol=1e-5)
+
+
+def test_decompression_bomb_refused(worker_encoder: ClipEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000)).save(buf, "PNG")  # 9 Mpx of zeros: a few KB on the wire
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4_000_000)
+    with pytest.raises(InvalidImageError, match="pixel"):
+        worker_encoder.decode(buf.getvalue())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # over 2x: Pillow's own error
+    with pytest.raises(InvalidImageError, match="pixels"):
+        worker_encoder.decode(buf.getvalue())
+
+
+def test_encode_text(worker_encoder: ClipEncoder) -> None:
+    out = worker_encoder.encode_text(["a dog on a beach", "a city at night"])
+    assert out.shape == (2, 512) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
+
+
+def test_missing_weights_say_what_to_set(tmp_path: Path) -> None:
+    with pytest.raises(InternalError, match="not found"):
+        ClipEncoder.load(pretrained=str(tmp_path / "nope.safetensors"), device="cpu")
+    with pytest.raises(InternalError, match="CLIP_PRETRAINED=<path"):
+        ClipEncoder.load("ViT-B-32", "laion2b_s34b_b79k", device="cpu")

@@ -1,0 +1,154 @@
+"""SSRF-safe downloads against a real HTTP server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runpod_worker.fetch import FetchPolicy, fetch_image, is_public_address, make_client
+from runpod_worker.protocol import (
+    ClipError,
+    ImageDownloadError,
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidRequestError,
+)
+from tests.fixtures.worker import ImageServer, Route
+
+LOOPBACK_OK = FetchPolicy(allow_private=True, max_bytes=1000, timeout_s=2)
+
+
+def fetch(url: str, policy: FetchPolicy = LOOPBACK_OK) -> bytes:
+    async def run() -> bytes:
+        async with make_client(policy) as client:
+            return await fetch_image(client, url, policy)
+
+    return asyncio.run(run())
+
+
+def refused(url: str, policy: FetchPolicy = LOOPBACK_OK) -> ClipError:
+    with pytest.raises(ClipError) as info:
+        fetch(url, policy)
+    return info.value
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "172.16.0.1",
+        "100.64.0.1",
+        "169.254.169.254",
+        "0.0.0.0",
+        "224.0.0.1",
+        "240.0.0.1",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "::ffff:127.0.0.1",
+        "::ffff:169.254.169.254",
+        "::",
+    ],
+)
+def test_non_public_addresses(ip: str) -> None:
+    assert not is_public_address(ip)
+
+
+def test_public_addresses() -> None:
+    assert is_public_address("8.8.8.8") and is_public_address("2606:4700:4700::1111")
+
+
+def test_download_ok(image_server: ImageServer) -> None:
+    assert fetch(image_server.add("/ok.jpg", b"\xff\xd8\xffdata")) == b"\xff\xd8\xffdata"
+
+
+def test_loopback_refused_unless_allowed(image_server: ImageServer) -> None:
+    url = image_server.add("/private.jpg", b"x")
+    assert isinstance(refused(url, FetchPolicy()), InvalidRequestError)
+    assert isinstance(
+        refused(image_server.url("/private.jpg", "localhost"), FetchPolicy()), InvalidRequestError
+    )
+
+
+@pytest.mark.parametrize(
+    "url", ["http://169.254.169.254/latest/meta-data/", "http://[::ffff:169.254.169.254]/"]
+)
+def test_metadata_refused_even_with_private_allowed(url: str) -> None:
+    err = refused(url)
+    assert isinstance(err, InvalidRequestError) and "non-public" in err.message
+
+
+@pytest.mark.parametrize(
+    "url", ["file:///etc/passwd", "ftp://h/a.jpg", "gopher://h/", "data:image/png;base64,AA"]
+)
+def test_other_schemes_refused(url: str) -> None:
+    assert isinstance(refused(url), InvalidRequestError)
+
+
+def test_allowlist_checked_on_every_redirect_hop(image_server: ImageServer) -> None:
+    policy = FetchPolicy(allow_private=True, host_allowlist=("localhost",))
+    target = image_server.add("/target.jpg", b"img")
+    hop = Route(status=302, content_type=None, headers={"Location": target})  # 127.0.0.1: off the list
+    image_server.add("/hop", hop)
+    assert isinstance(refused(image_server.url("/off-list.jpg"), policy), InvalidRequestError)
+    err = refused(image_server.url("/hop", "localhost"), policy)
+    assert "IMAGE_HOST_ALLOWLIST" in err.message
+    image_server.add(
+        "/hop-relative", Route(status=301, content_type=None, headers={"Location": "/target.jpg"})
+    )
+    assert fetch(image_server.url("/hop-relative", "localhost"), policy) == b"img"
+
+
+def test_redirect_to_metadata_address_refused(image_server: ImageServer) -> None:
+    loc = {"Location": "http://169.254.169.254/latest/meta-data/iam"}
+    err = refused(image_server.add("/to-metadata", Route(status=307, content_type=None, headers=loc)))
+    assert isinstance(err, InvalidRequestError)
+
+
+def test_redirect_loop_stops(image_server: ImageServer) -> None:
+    url = image_server.add("/loop", Route(status=302, content_type=None, headers={"Location": "/loop"}))
+    err = refused(url)
+    assert isinstance(err, ImageDownloadError) and "redirects" in err.message and not err.retryable
+
+
+def test_oversize_by_content_length_and_by_stream(image_server: ImageServer) -> None:
+    assert isinstance(refused(image_server.add("/big", b"x" * 5000)), ImageTooLargeError)
+    streamed = image_server.add("/big-stream", Route(body=b"x" * 50_000, send_length=False))
+    assert isinstance(refused(streamed), ImageTooLargeError)
+    # Content-Length says 10, the server sends more: only the declared bytes are ever read.
+    lying = image_server.add(
+        "/lying", Route(body=b"y" * 50_000, headers={"Content-Length": "10"}, send_length=False)
+    )
+    assert fetch(lying) == b"y" * 10
+
+
+def test_non_image_content_type(image_server: ImageServer) -> None:
+    err = refused(image_server.add("/page", Route(body=b"<html>", content_type="text/html")))
+    assert isinstance(err, InvalidImageError) and "text/html" in err.message
+
+
+@pytest.mark.parametrize(
+    ("status", "retryable"), [(400, False), (403, False), (404, False), (500, True), (503, True)]
+)
+def test_http_errors(image_server: ImageServer, status: int, retryable: bool) -> None:
+    err = refused(image_server.add(f"/status-{status}", Route(status=status, body=b"{}")))
+    assert isinstance(err, ImageDownloadError) and err.retryable is retryable and str(status) in err.message
+
+
+def test_timeout_is_retryable(image_server: ImageServer) -> None:
+    url = image_server.add("/slow", Route(body=b"x", delay_s=1.0))
+    err = refused(url, FetchPolicy(allow_private=True, timeout_s=0.2))
+    assert isinstance(err, ImageDownloadError) and err.retryable and "Timeout" in err.message
+
+
+def test_connection_refused_is_retryable() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    err = refused(f"http://127.0.0.1:{port}/a.jpg")
+    assert isinstance(err, ImageDownloadError) and err.retryable

@@ -1,0 +1,35 @@
+"""The worker behind the RunPod SDK's own local API (``--rp_serve_api``), spoken to over HTTP."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from runpod_worker.protocol import ImageItem, build_batch_request, build_single_request, decode_embedding
+from tests.fixtures.worker import ImageServer
+
+
+def test_runsync_signed_batch(
+    worker_url: str, worker_secret: str, image_server: ImageServer, frame_jpeg: bytes
+) -> None:
+    urls = [image_server.add(f"/api/{i}.jpg", frame_jpeg) for i in range(3)]
+    items = [ImageItem(u, f"s{i}") for i, u in enumerate(urls)] + [
+        ImageItem(image_server.url("/api/none"), "gone")
+    ]
+    reply = httpx.post(
+        f"{worker_url}/runsync", json={"input": build_batch_request(items, worker_secret)}, timeout=60
+    )
+    body = reply.json()
+    # The local SDK server awaits an async handler inside /runsync: the answer is final, not IN_QUEUE.
+    assert body["status"] == "COMPLETED", body
+    results = body["output"]["results"]
+    assert [len(decode_embedding(r["embedding"], 512)) for r in results[:3]] == [512] * 3
+    assert results[3]["error"]["code"] == "image_download_failed"
+
+
+def test_runsync_bad_signature_is_failed_job(worker_url: str, image_server: ImageServer) -> None:
+    body = build_single_request(image_server.url("/api/0.jpg"), "wrong-secret")
+    reply = httpx.post(f"{worker_url}/runsync", json={"input": body}, timeout=60).json()
+    assert reply["status"] == "FAILED"
+    assert json.loads(reply["error"])["code"] == "auth_failed"
