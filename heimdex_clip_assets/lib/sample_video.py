@@ -8,6 +8,7 @@ slowly, so they never look like a cut. Output is a pure function of the argument
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
@@ -71,7 +72,9 @@ def _scene_start_frame(scene: int, scene_seconds: float, fps: int) -> int:
     return round(scene * scene_seconds * fps)
 
 
-def _scene_frames(scene: int, n_frames: int, width: int, height: int, rng: np.random.Generator):
+def _scene_frames(
+    scene: int, n_frames: int, width: int, height: int, rng: np.random.Generator
+) -> Iterator[np.ndarray]:
     background = _background(width, height, rng)
     shape_colour = rng.integers(0, 256, 3, dtype=np.uint8)
     side = max(8, height // 5)
