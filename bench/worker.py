@@ -1,0 +1,128 @@
+"""Worker throughput: the handler core against the raw encoder, as ratios measured in one run.
+
+    .venv/bin/python bench/worker.py [--device cpu|cuda] [--batch N] [--n N] [--size 1280x720]
+                                     [--checkpoint PATH | --pretrained none]
+
+For batched and one-image requests it prints images/s for: the raw encoder on already-preprocessed
+tensors (the ceiling), the handler with the bytes already downloaded (parse, verify, decode, encode,
+output dict), and the full handler fetching from a loopback HTTP server; then handler / raw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from runpod_worker.config import WorkerConfig
+from runpod_worker.encoder import ClipEncoder
+from runpod_worker.handler import Fetched, WorkerState, handle_input
+from runpod_worker.protocol import ImageItem, build_batch_request, build_single_request
+from tests.fixtures.worker import ImageServer
+
+SECRET = "bench-secret"
+
+
+def make_jpegs(count: int, width: int, height: int) -> list[bytes]:
+    """Frame-like JPEGs: smooth gradients with mild noise (pure noise decodes unrealistically slowly)."""
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    out = []
+    for i in range(count):
+        rgb = np.stack([(x * (i + 1) + y) % 1, (y * 2 + x * i / 3) % 1, (x * y * (i + 2)) % 1], axis=-1)
+        pixels = np.clip(rgb * 255 + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels).save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def rate(images: int, fn: Callable[[], object], repeats: int) -> float:
+    """Images per second over ``repeats`` calls of ``fn`` (one untimed warm-up call first)."""
+    fn()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return images * repeats / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--batch", type=int, help="images per request (default 32 on CPU, 512 on CUDA)")
+    parser.add_argument("--n", type=int, help="images per timed measurement (default 4 batches)")
+    parser.add_argument("--size", default="1280x720", help="JPEG size, e.g. 1280x720 or 480x270")
+    parser.add_argument("--checkpoint", help="weights file (default: CLIP_PRETRAINED, else none)")
+    parser.add_argument("--pretrained", help="open_clip tag or 'none' (overrides --checkpoint)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"))
+    args = parser.parse_args()
+
+    cuda = args.device == "cuda"
+    batch = args.batch or (512 if cuda else 32)
+    repeats = max(1, (args.n or 4 * batch) // batch)
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    pretrained = args.pretrained or args.checkpoint or os.environ.get("CLIP_PRETRAINED", "none")
+
+    encoder = ClipEncoder.load(pretrained=pretrained, device=args.device, precision=args.precision)
+    config = WorkerConfig.from_env({"EMBEDDING_HMAC_SECRET": SECRET, "IMAGE_ALLOW_PRIVATE_HOSTS": "true"})
+    state = WorkerState.create(config, encoder)
+    unique = make_jpegs(16, width, height)
+    images = [unique[i % len(unique)] for i in range(batch)]
+    mean_kb = sum(len(b) for b in unique) / len(unique) / 1024
+    print(f"device={encoder.device} precision={encoder.precision} size={width}x{height} jpeg~{mean_kb:.0f}KB")
+    print(f"batch={batch} repeats={repeats} torch_threads={torch.get_num_threads()}")
+
+    server = ImageServer()
+    urls = [server.add(f"/img/{i}.jpg", data) for i, data in enumerate(images)]
+    by_url = dict(zip(urls, images, strict=True))
+
+    async def in_memory(request_urls: Sequence[str]) -> list[Fetched]:
+        return [(by_url[u], 0.0) for u in request_urls]
+
+    def handler_run(count: int, downloaded: bool) -> Callable[[], object]:
+        def call() -> object:
+            # Signed fresh each call: a repeated signature would be refused as a replay.
+            if count == 1:
+                body = build_single_request(urls[0], SECRET, encoding="base64")
+            else:
+                body = build_batch_request([ImageItem(u) for u in urls[:count]], SECRET)
+            out = asyncio.run(handle_input(body, state, in_memory if downloaded else None))
+            assert "error" not in out and all("error" not in r for r in out.get("results", [])), out
+            return out
+
+        return call
+
+    for label, count, reps in (
+        ("batch", batch, repeats),
+        ("single", 1, max(8, min(64, repeats * batch // 8))),
+    ):
+        tensors = torch.stack([encoder.decode(b) for b in images[:count]]).to(encoder.device)
+        raw = rate(count, lambda t=tensors: encoder.encode_tensors(t), reps)
+        core = rate(count, handler_run(count, downloaded=True), reps)
+        full = rate(count, handler_run(count, downloaded=False), reps)
+        print(
+            f"{label:6s} raw encoder {raw:9.1f} img/s | handler, bytes downloaded {core:9.1f} img/s "
+            f"(x{core / raw:.2f}) | handler + loopback HTTP {full:9.1f} img/s (x{full / raw:.2f})"
+        )
+    server.close()
+
+
+if __name__ == "__main__":
+    main()
