@@ -64,7 +64,9 @@ def run(dsn: str, rows: int, queries: int, ef_values: list[int]) -> None:
     probes = clustered_vectors(rng, queries, centers)
     videos = [uuid.uuid4() for _ in range(len(centers))]
 
-    with psycopg.connect(dsn) as conn:
+    # prepare_threshold=None: a query prepared while index scans were off would keep its cached
+    # sequential-scan plan after they are back on.
+    with psycopg.connect(dsn, prepare_threshold=None) as conn:
         register_vector(conn)
         conn.execute("SET maintenance_work_mem = '1GB'")  # the whole graph fits: no slow on-disk phase
         conn.execute("SET max_parallel_maintenance_workers = 1")  # leader + 1 worker = the 2 cores

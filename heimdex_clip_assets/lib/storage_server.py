@@ -110,8 +110,17 @@ class ObjectStore:
 
     def create_bucket(self, bucket: str, public: bool) -> None:
         folder = self._bucket_dir(bucket)
-        info = {"id": bucket, "name": bucket, "owner": "", "public": public, "created_at": _now()}
-        info["updated_at"] = info["created_at"]
+        now = _now()
+        info = {
+            "id": bucket,
+            "name": bucket,
+            "owner": "",
+            "public": public,
+            "file_size_limit": None,
+            "allowed_mime_types": None,
+            "created_at": now,
+            "updated_at": now,
+        }
         try:
             folder.mkdir()  # atomic: of two concurrent creators exactly one wins
         except FileExistsError:
