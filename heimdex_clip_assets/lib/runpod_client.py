@@ -45,7 +45,7 @@ FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 PENDING_STATES = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; embeddings compare by identity
 class RemoteEmbedding:
     """One image's embedding as the worker returned it, with the worker's model fields and timings."""
 
@@ -127,7 +127,7 @@ class RunPodClient:
             timeout_s=settings.runpod_timeout_s,
             max_retries=settings.runpod_max_retries,
             model_name=settings.clip_model_name,
-            dim=dim,
+            dim=settings.clip_dim if dim is None else dim,
             model_version=settings.clip_model_version,
             transport=transport,
         )
@@ -281,13 +281,13 @@ class RunPodClient:
             )
         if code == 405:
             raise _MethodNotAllowed(
-                f"RunPod error: HTTP 405 for {method} {httpx.URL(url).path}; check RUNPOD_CLIP_ENDPOINT_URL"
+                f"HTTP 405 from RunPod for {method} {httpx.URL(url).path}; check RUNPOD_CLIP_ENDPOINT_URL"
             )
         if code == 429 or code >= 500:
-            raise RemoteError(f"RunPod error: HTTP {code}: {self._redact(response.text[:200])}")
+            raise RemoteError(f"HTTP {code} from RunPod: {self._redact(response.text[:200])}")
         if code >= 400:
             raise RemoteError(
-                f"RunPod error: HTTP {code}: {self._redact(response.text[:200])}; check "
+                f"HTTP {code} from RunPod: {self._redact(response.text[:200])}; check "
                 "RUNPOD_CLIP_ENDPOINT_ID / RUNPOD_CLIP_ENDPOINT_URL",
                 retryable=False,
             )

@@ -1,0 +1,352 @@
+"""Where CLIP runs, behind one interface: ``runpod`` (the GPU worker), ``local`` (in-process) or ``off``.
+
+The local backend runs the worker's own :class:`~runpod_worker.encoder.ClipEncoder`, so both backends
+produce the same vector for the same image and checkpoint; ``model_version`` says which model made a
+vector, and the vector store keeps versions apart.
+
+Text queries (search) are always encoded in-process, with the local encoder's text tower, whatever the
+backend: the worker only embeds images, and a query is one short string that a CPU encodes in
+milliseconds. With the runpod backend that encoder loads on the first query, not at startup.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from runpod_worker.protocol import ImageItem
+
+from .config import Settings
+from .errors import AuthError, ClipError, ConfigError, InvalidRequestError, ModelMismatchError, TimeoutError
+from .runpod_client import RunPodClient
+
+if TYPE_CHECKING:  # the encoder imports torch; only the local backend and text search need it at runtime
+    from runpod_worker.encoder import ClipEncoder
+
+    from .storage import Storage
+
+DOWNLOAD_THREADS = 8  # thumbnail downloads are I/O bound; the model, not the network, should be the limit
+# One failed batch of these means every other batch fails the same way: stop instead of logging each scene.
+SYSTEMIC_ERRORS = (AuthError, ModelMismatchError, ConfigError)
+
+
+@dataclass(frozen=True)
+class SceneImage:
+    """One image to embed: ``url`` (signed, for the runpod backend) and/or ``storage_path`` or ``data``
+    (for the local backend, which reads bytes in memory first and otherwise downloads from storage)."""
+
+    key: int | str
+    storage_path: str | None = None
+    url: str | None = None
+    data: bytes | None = None
+
+
+@dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; results compare by identity
+class EmbeddingResult:
+    vector: np.ndarray  # float32, unit length
+    metadata: dict[str, Any]  # stored as video_scenes.visual_clip_metadata
+
+
+# --------------------------------------------------------------------------------- encoder cache
+_ENCODERS: dict[tuple[str, str, str | None], ClipEncoder] = {}
+_ENCODERS_LOCK = threading.Lock()
+
+
+def load_encoder(model_name: str, pretrained: str, precision: str | None = None) -> ClipEncoder:
+    """The process's one encoder for these weights: a load takes seconds and hundreds of MB.
+
+    ``CLIP_MODEL_VERSION`` is only a label, so it is not part of the key; backends carry their own.
+    """
+    key = (model_name, pretrained, precision)
+    with _ENCODERS_LOCK:  # held during the load, so two threads asking at once load it once
+        if key not in _ENCODERS:
+            from runpod_worker.encoder import ClipEncoder
+
+            _ENCODERS[key] = ClipEncoder.load(model_name, pretrained, precision=precision)
+        return _ENCODERS[key]
+
+
+def _settings_encoder(settings: Settings) -> ClipEncoder:
+    return load_encoder(settings.clip_model_name, settings.clip_pretrained, settings.clip_precision)
+
+
+# ---------------------------------------------------------------------------------------- backends
+class ClipBackend(ABC):
+    name: ClassVar[str]
+    enabled: ClassVar[bool] = True
+    needs_urls: ClassVar[bool] = False  # True when images travel as signed URLs (SceneImage.url)
+
+    def __init__(self, *, model_name: str, pretrained: str, model_version: str, dim: int) -> None:
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.model_version = model_version
+        self.dim = dim
+
+    @abstractmethod
+    def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
+        """One result per image, in order. Raises only for errors that no other image can escape
+        (bad credentials, wrong model); per-image and per-batch failures come back in their slots."""
+
+    @abstractmethod
+    def encode_text(self, query: str) -> np.ndarray:
+        """A unit-length float32 query vector comparable with this backend's image vectors."""
+
+    def _result(self, vector: np.ndarray, **timings: float | int) -> EmbeddingResult:
+        # The vector store ranks by cosine on unit vectors; a remote worker is outside our control, so
+        # the invariant is enforced here, where every backend's vectors pass.
+        vector = _unit(vector)
+        metadata = {
+            "backend": self.name,
+            "model_name": self.model_name,
+            "pretrained": self.pretrained,
+            "model_version": self.model_version,
+            "dim": int(vector.shape[0]),
+            **{k: round(float(v), 2) if isinstance(v, float) else v for k, v in timings.items()},
+        }
+        return EmbeddingResult(vector, metadata)
+
+
+class RunPodBackend(ClipBackend):
+    """Signed URLs to the RunPod worker, ``batch_size`` images per job."""
+
+    name = "runpod"
+    needs_urls = True
+
+    def __init__(
+        self,
+        client: RunPodClient,
+        *,
+        pretrained: str,
+        batch_size: int = 32,
+        text_encoder: Callable[[], ClipEncoder],
+    ) -> None:
+        if client.model_name is None or client.model_version is None or client.dim is None:
+            raise ConfigError(
+                "RunPodBackend needs a client that knows the expected model name, version and dim"
+            )
+        super().__init__(
+            model_name=client.model_name,
+            pretrained=pretrained,
+            model_version=client.model_version,
+            dim=client.dim,
+        )
+        self.client = client
+        self.batch_size = batch_size
+        self._text_encoder = text_encoder
+
+    def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
+        out: list[EmbeddingResult | ClipError] = []
+        for start in range(0, len(images), self.batch_size):
+            out.extend(self._embed_batch(images[start : start + self.batch_size]))
+        return out
+
+    def _embed_batch(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
+        slots: list[EmbeddingResult | ClipError] = [
+            InvalidRequestError(f"Scene {img.key}: no signed URL to send to RunPod; sign its thumbnail first")
+            for img in images
+        ]
+        todo = [i for i, img in enumerate(images) if img.url]
+        if not todo:
+            return slots
+        started = time.perf_counter()
+        try:
+            remote = self.client.embed_batch(
+                [ImageItem(str(images[i].url), str(images[i].key)) for i in todo]
+            )
+        except SYSTEMIC_ERRORS:
+            raise
+        except ClipError as err:  # the whole job failed after retries: each scene records why
+            remote = [err] * len(todo)
+        # What the pipeline waited per image: the job's round trip shared by its images (queue and
+        # network included, unlike the worker's own timings).
+        total_ms = (time.perf_counter() - started) * 1000 / len(todo)
+        for i, item in zip(todo, remote, strict=True):
+            slots[i] = (
+                item
+                if isinstance(item, ClipError)
+                else self._result(
+                    item.vector,
+                    inference_time_ms=item.inference_ms,
+                    download_ms=item.download_ms,
+                    total_ms=total_ms,
+                    worker_total_ms=item.total_ms,
+                    batch_size=len(todo),
+                )
+            )
+        return slots
+
+    def encode_text(self, query: str) -> np.ndarray:
+        return _unit(self._text_encoder().encode_text([query])[0])
+
+
+class LocalBackend(ClipBackend):
+    """The worker's encoder in this process (CPU, or a local GPU), ``batch_size`` images per forward pass."""
+
+    name = "local"
+
+    def __init__(
+        self,
+        encoder: ClipEncoder,
+        storage: Storage | None,
+        *,
+        batch_size: int = 32,
+        model_version: str | None = None,
+    ) -> None:
+        super().__init__(
+            model_name=encoder.model_name,
+            pretrained=encoder.pretrained,
+            model_version=model_version or encoder.model_version,
+            dim=encoder.dim,
+        )
+        self.encoder = encoder
+        self.storage = storage
+        self.batch_size = batch_size
+
+    def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
+        out: list[EmbeddingResult | ClipError] = []
+        with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="clip-download") as pool:
+            for start in range(0, len(images), self.batch_size):
+                out.extend(self._embed_batch(images[start : start + self.batch_size], pool))
+        return out
+
+    def _embed_batch(
+        self, images: Sequence[SceneImage], pool: ThreadPoolExecutor
+    ) -> list[EmbeddingResult | ClipError]:
+        started = time.perf_counter()
+        fetched = list(pool.map(self._read, images))
+        blobs = [data for data, _ in fetched if isinstance(data, bytes)]
+        if not blobs:
+            return [data for data, _ in fetched if isinstance(data, ClipError)]
+        t0 = time.perf_counter()
+        encoded = iter(self.encoder.encode_bytes(blobs))
+        # One forward pass serves the whole batch; each image is charged an equal share of it.
+        inference_ms = (time.perf_counter() - t0) * 1000 / len(blobs)
+        total_ms = (time.perf_counter() - started) * 1000 / len(blobs)
+        out: list[EmbeddingResult | ClipError] = []
+        for data, download_ms in fetched:
+            vector = data if isinstance(data, ClipError) else next(encoded)
+            out.append(
+                vector
+                if isinstance(vector, ClipError)
+                else self._result(
+                    vector,
+                    inference_time_ms=inference_ms,
+                    download_ms=download_ms,
+                    total_ms=total_ms,
+                    batch_size=len(blobs),
+                )
+            )
+        return out
+
+    def _read(self, image: SceneImage) -> tuple[bytes | ClipError, float]:
+        """The image's bytes (or why not) and how long fetching them took, in ms."""
+        if image.data is not None:
+            return image.data, 0.0
+        if image.storage_path is None or self.storage is None:
+            return InvalidRequestError(f"Scene {image.key}: no image bytes and no storage path to read"), 0.0
+        started = time.perf_counter()
+        try:
+            data: bytes | ClipError = self.storage.download(image.storage_path)
+        except ClipError as err:
+            data = err
+        return data, (time.perf_counter() - started) * 1000
+
+    def encode_text(self, query: str) -> np.ndarray:
+        return _unit(self.encoder.encode_text([query])[0])
+
+
+class OffBackend(ClipBackend):
+    """CLIP disabled (``CLIP_INFERENCE_BACKEND=off`` or ``CLIP_ENABLED=false``): callers check ``enabled``
+    and skip; calling it anyway is a configuration mistake worth a clear error, not empty results."""
+
+    name = "off"
+    enabled = False
+
+    def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
+        raise self._disabled()
+
+    def encode_text(self, query: str) -> np.ndarray:
+        raise self._disabled()
+
+    @staticmethod
+    def _disabled() -> ConfigError:
+        return ConfigError(
+            "CLIP is off (CLIP_INFERENCE_BACKEND=off or CLIP_ENABLED=false); set "
+            "CLIP_INFERENCE_BACKEND=local or runpod to embed images or search"
+        )
+
+
+def make_backend(settings: Settings, storage: Storage | None) -> ClipBackend:
+    """The backend ``settings`` ask for; the local one loads (or reuses) the process's encoder now."""
+    if settings.clip_backend == "off":
+        return OffBackend(
+            model_name=settings.clip_model_name,
+            pretrained=settings.clip_pretrained,
+            model_version=settings.clip_model_version,
+            dim=settings.clip_dim,
+        )
+    if settings.clip_backend == "runpod":
+        return RunPodBackend(
+            RunPodClient.from_settings(settings),
+            pretrained=settings.clip_pretrained,
+            batch_size=settings.clip_batch_size,
+            text_encoder=lambda: _settings_encoder(settings),
+        )
+    return LocalBackend(
+        _settings_encoder(settings),
+        storage,
+        batch_size=settings.clip_batch_size,
+        model_version=settings.clip_model_version,
+    )
+
+
+# -------------------------------------------------------------------------------------- log lines
+_LABELS = {"runpod": "RunPod", "local": "Local", "off": "Off"}
+
+
+def log_result(key: int | str, backend: str, result: EmbeddingResult | ClipError) -> str:
+    """The seed's log line(s) for one scene's outcome, e.g.
+    ``Scene 5: RunPod CLIP embedding generated (dim=512, inference=45.2ms, total=234.5ms)``, or for a
+    failure two lines: ``Scene 5: RunPod timeout: Request timeout after 60.0s`` then
+    ``Scene 5: CLIP embedding failed: Timeout``."""
+    label = _LABELS.get(backend, backend)
+    if isinstance(result, EmbeddingResult):
+        meta = result.metadata
+        return (
+            f"Scene {key}: {label} CLIP embedding generated (dim={meta['dim']}, "
+            f"inference={meta['inference_time_ms']:.1f}ms, total={meta['total_ms']:.1f}ms)"
+        )
+    return (
+        f"Scene {key}: {describe_error(backend, result)}\nScene {key}: CLIP embedding failed: {_kind(result)}"
+    )
+
+
+def describe_error(backend: str, err: ClipError) -> str:
+    """``RunPod timeout: ...``, ``RunPod authentication error: ...``, ``RunPod error: ...`` as in the seed;
+    messages that already say what they are (connection, dimension) stand alone."""
+    label = _LABELS.get(backend, backend)
+    if isinstance(err, TimeoutError):
+        return f"{label} timeout: {err.message}"
+    if isinstance(err, AuthError):
+        return f"{label} authentication error: {err.message}"
+    if err.code in ("network_error", "model_mismatch"):
+        return err.message
+    return f"{label} error: {err.message}"
+
+
+def _kind(err: ClipError) -> str:
+    # TimeoutError -> "Timeout" (the seed's wording), ImageDownloadError -> "ImageDownload", ...
+    return type(err).__name__.removesuffix("Error") or err.code
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
