@@ -4,6 +4,7 @@ checkpoint, the embedded storage server, and (for runpod) RunPod's cloud stubbed
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from collections.abc import Callable
@@ -207,3 +208,33 @@ def test_success_log_line_matches_the_seed() -> None:
     assert log_result(5, "runpod", result) == (
         "Scene 5: RunPod CLIP embedding generated (dim=512, inference=45.2ms, total=234.5ms)"
     )
+
+
+# -------------------------------------------------------------------- the real worker (RunPod SDK local API)
+def test_runpod_and_local_backends_agree_through_the_real_worker(
+    worker_url: str, worker_secret: str, clip_checkpoint: Path, storage: Storage
+) -> None:
+    settings = settings_for(
+        "runpod", clip_checkpoint, RUNPOD_CLIP_ENDPOINT_URL=worker_url, EMBEDDING_HMAC_SECRET=worker_secret
+    )
+    paths = [f"thumbnails/v2/{i}.jpg" for i in range(4)]
+    for i, path in enumerate(paths):
+        storage.upload(path, jpeg(100 + i, size=(480, 270)), content_type="image/jpeg")
+    images = [
+        SceneImage(i, storage_path=p, url=storage.create_signed_url(p, 300)) for i, p in enumerate(paths)
+    ]
+    tampered = SceneImage(  # a token signed for another path: the worker cannot fetch it
+        9, url=storage.create_signed_url("thumbnails/v2/0.jpg", 300).replace("/0.jpg", "/9.jpg")
+    )
+
+    remote = make_backend(settings, storage)
+    local = make_backend(dataclasses.replace(settings, clip_backend="local"), storage)
+    assert remote.model_version == local.model_version
+    remote_out = remote.embed([*images, tampered])
+    local_out = local.embed(images)
+
+    assert isinstance(remote_out[-1], ClipError) and remote_out[-1].code == "image_download_failed"
+    for r, loc in zip(remote_out, local_out, strict=False):
+        assert isinstance(r, EmbeddingResult) and isinstance(loc, EmbeddingResult)
+        assert float(r.vector @ loc.vector) >= 0.999
+        assert r.metadata["model_version"] == loc.metadata["model_version"]

@@ -6,6 +6,7 @@ signatures it receives are checked with the worker's own :class:`Verifier`, repl
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from heimdex_clip_assets.lib.config import Settings
 from heimdex_clip_assets.lib.errors import (
@@ -36,6 +38,7 @@ from runpod_worker.protocol import (
     encode_job_error,
     single_message,
 )
+from tests.fixtures.worker import ImageServer
 
 URL = "https://api.runpod.ai/v2/ep123"
 API_KEY = "rpa_SECRET_API_KEY_42"
@@ -139,6 +142,13 @@ def make_client(stub: CloudStub, fake: FakeTime, **kwargs: Any) -> RunPodClient:
         "clock": fake.clock,
     } | kwargs
     return RunPodClient(URL, **options)
+
+
+def make_jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
 
 
 ITEMS = [ImageItem(f"https://h/{i}.jpg", request_id=str(i)) for i in range(3)]
@@ -342,3 +352,39 @@ def test_from_settings_uses_the_endpoint_settings() -> None:
     with RunPodClient.from_settings(settings, dim=512) as client:
         assert (client.url, client.timeout_s, client.max_retries, client.dim) == (URL, 90.0, 1, 512)
         assert client.model_version == settings.clip_model_version
+
+
+# -------------------------------------------------------------------- the real worker (RunPod SDK local API)
+class CountingTransport(httpx.HTTPTransport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        self.calls += 1
+        return super().handle_request(request)
+
+
+def test_real_worker_single_and_batch(worker_url: str, worker_secret: str, image_server: ImageServer) -> None:
+    urls = [image_server.add(f"/client/{i}.jpg", make_jpeg(i)) for i in range(3)]
+    with RunPodClient(
+        worker_url, api_key=None, hmac_secret=worker_secret, model_name="ViT-B-32", dim=512
+    ) as client:
+        one = client.embed_one(urls[0], request_id="scene-0")
+        batch = client.embed_batch([ImageItem(u, str(i)) for i, u in enumerate(urls)])
+    assert one.request_id == "scene-0" and one.dim == 512 and one.total_ms > 0
+    first = batch[0]
+    assert isinstance(first, RemoteEmbedding) and first.request_id == "0"
+    # JSON floats (single) and base64 float32 (batch) carry the same vector.
+    assert float(one.vector @ first.vector) == pytest.approx(float(one.vector @ one.vector), rel=1e-5)
+
+
+def test_real_worker_refuses_a_bad_secret_without_retries(worker_url: str, image_server: ImageServer) -> None:
+    url = image_server.add("/client/auth.jpg", make_jpeg(7))
+    transport = CountingTransport()
+    client = RunPodClient(
+        worker_url, api_key=None, hmac_secret="not-the-secret", max_retries=3, transport=transport
+    )
+    with pytest.raises(AuthError, match="EMBEDDING_HMAC_SECRET") as info:
+        client.embed_batch([ImageItem(url)])
+    assert transport.calls == 1 and "not-the-secret" not in str(info.value)
