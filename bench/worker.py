@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import os
 import sys
 import time
@@ -94,15 +95,18 @@ def main() -> None:
     by_url = dict(zip(urls, images, strict=True))
 
     async def in_memory(request_urls: Sequence[str]) -> list[Fetched]:
-        return [(by_url[u], 0.0) for u in request_urls]
+        return [(by_url[u.split("?", 1)[0]], 0.0) for u in request_urls]
+
+    calls = itertools.count()
 
     def handler_run(count: int, downloaded: bool) -> Callable[[], object]:
         def call() -> object:
-            # Signed fresh each call: a repeated signature would be refused as a replay.
+            # A distinct query per call gives a distinct signature: a repeat would be refused as a replay.
+            request_urls = [f"{u}?call={next(calls)}" for u in urls[:count]]
             if count == 1:
-                body = build_single_request(urls[0], SECRET, encoding="base64")
+                body = build_single_request(request_urls[0], SECRET, encoding="base64")
             else:
-                body = build_batch_request([ImageItem(u) for u in urls[:count]], SECRET)
+                body = build_batch_request([ImageItem(u) for u in request_urls], SECRET)
             out = asyncio.run(handle_input(body, state, in_memory if downloaded else None))
             assert "error" not in out and all("error" not in r for r in out.get("results", [])), out
             return out
