@@ -18,8 +18,9 @@ from urllib.parse import quote
 
 import numpy as np
 import psycopg
-from pgvector.psycopg import register_vector
+from pgvector.psycopg.vector import register_vector_info
 from psycopg.rows import dict_row
+from psycopg.types import TypeInfo
 from psycopg.types.json import Jsonb
 
 from .config import Settings
@@ -127,10 +128,14 @@ class VectorStore:
             raise InvalidRequestError(f"embedding dimension must be positive, got {dim}")
         self.dsn = dsn
         self.dim = dim
+        # The vector type's OID, looked up once: pgvector's register_vector costs four round trips on
+        # every connection, more than the search itself.
+        self._vector_type: TypeInfo | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings, dim: int) -> VectorStore:
-        return cls(resolve_database_url(settings), dim)
+    def from_settings(cls, settings: Settings, dim: int | None = None) -> VectorStore:
+        """The configured database, sized for the configured model (``CLIP_MODEL_NAME``) by default."""
+        return cls(resolve_database_url(settings), dim or settings.clip_dim)
 
     # ------------------------------------------------------------------------------------ plumbing
     def _where(self) -> str:
@@ -144,7 +149,7 @@ class VectorStore:
         try:
             with psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10) as conn:
                 if vectors:
-                    register_vector(conn)
+                    self._register_vector(conn)
                 yield conn
         except psycopg.OperationalError as exc:
             raise DatabaseError(
@@ -156,6 +161,13 @@ class VectorStore:
             raise DatabaseError(f"the schema is missing ({exc}); run migrations first") from exc
         except psycopg.Error as exc:
             raise DatabaseError(f"database error ({self._where()}): {str(exc).strip()}") from exc
+
+    def _register_vector(self, conn: psycopg.Connection[Any]) -> None:
+        if self._vector_type is None:
+            self._vector_type = TypeInfo.fetch(conn, "vector")
+            if self._vector_type is None:
+                raise DatabaseError(f"pgvector is not installed in {self._where()}; run migrations first")
+        register_vector_info(conn, self._vector_type)
 
     def _check_vector(self, vector: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
         arr = np.asarray(vector, dtype=np.float32)

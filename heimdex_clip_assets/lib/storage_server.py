@@ -49,6 +49,7 @@ SERVICE_KEY_ENV = "HEIMDEX_STORAGE_SERVICE_KEY"
 JWT_SECRET_ENV = "HEIMDEX_STORAGE_JWT_SECRET"
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _START_TIMEOUT_S = 20.0
+_NO_OBJECT = "Either the object does not exist or you do not have access to it"  # Supabase's wording
 
 
 class ApiError(Exception):
@@ -300,8 +301,7 @@ def create_app(root: Path, service_key: str, jwt_secret: str) -> Starlette:
             except ApiError as exc:
                 if exc.status != 404:
                     raise
-                out.append({"error": "Either the object does not exist or you do not have access to it",
-                            "path": key, "signedURL": None})  # fmt: skip
+                out.append({"error": _NO_OBJECT, "path": key, "signedURL": None})
         return JSONResponse(out)
 
     @route("POST", "/object/sign/{bucket}/{key:path}")

@@ -150,6 +150,7 @@ def test_resolve_database_url(embedded_home: Path) -> None:
     try:
         url = resolve_database_url(settings)
         assert resolve_database_url(settings) == url  # a second call re-attaches
+        assert VectorStore.from_settings(settings).dim == 512  # ViT-B-32, the default model
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         assert (
