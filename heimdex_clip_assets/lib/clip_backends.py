@@ -73,7 +73,7 @@ def load_encoder(model_name: str, pretrained: str, precision: str | None = None)
         return _ENCODERS[key]
 
 
-def _settings_encoder(settings: Settings) -> ClipEncoder:
+def settings_encoder(settings: Settings) -> ClipEncoder:
     return load_encoder(settings.clip_model_name, settings.clip_pretrained, settings.clip_precision)
 
 
@@ -297,10 +297,10 @@ def make_backend(settings: Settings, storage: Storage | None) -> ClipBackend:
             RunPodClient.from_settings(settings),
             pretrained=settings.clip_pretrained,
             batch_size=settings.clip_batch_size,
-            text_encoder=lambda: _settings_encoder(settings),
+            text_encoder=lambda: settings_encoder(settings),
         )
     return LocalBackend(
-        _settings_encoder(settings),
+        settings_encoder(settings),
         storage,
         batch_size=settings.clip_batch_size,
         model_version=settings.clip_model_version,

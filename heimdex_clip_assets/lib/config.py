@@ -75,7 +75,8 @@ def model_dim(model_name: str) -> int:
     config = open_clip.get_model_config(model_name)
     if config is None:
         raise ConfigError(
-            f"CLIP_MODEL_NAME={model_name!r} is not an open_clip model; try ViT-B-32 (see open_clip.list_models())"
+            f"CLIP_MODEL_NAME={model_name!r} is not an open_clip model; "
+            "try ViT-B-32 (see open_clip.list_models())"
         )
     return int(config["embed_dim"])
 

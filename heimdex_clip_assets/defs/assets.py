@@ -1,0 +1,144 @@
+"""The three per-video assets. Each is a thin call into ``lib.pipeline`` plus the metadata the UI shows."""
+
+import base64
+
+import dagster as dg
+
+from ..lib import pipeline
+from ..lib.pipeline import SceneParams, SignedUrl
+from .partitions import videos_partitions
+from .resources import ClipInferenceResource, StorageResource, VectorStoreResource
+
+GROUP = "video_scenes"
+
+
+class SceneDetectionConfig(dg.Config):
+    detector: str = "content"
+    threshold: float | None = None
+    min_scene_len_s: float = 0.5
+    thumbnail_max_side: int = 480
+
+
+def _jpeg_markdown(jpeg: bytes) -> dg.MetadataValue:
+    return dg.MetadataValue.md(f"![keyframes](data:image/jpeg;base64,{base64.b64encode(jpeg).decode()})")
+
+
+@dg.asset(
+    partitions_def=videos_partitions,
+    group_name=GROUP,
+    kinds={"python", "supabase", "postgres"},
+    description="Scenes of the video (PySceneDetect), the best keyframe of each as a JPEG thumbnail in "
+    "storage (thumbnails/{video_id}/{index}.jpg), and one video_scenes row per scene.",
+)
+def scene_keyframes(
+    context: dg.AssetExecutionContext,
+    config: SceneDetectionConfig,
+    db: VectorStoreResource,
+    storage: StorageResource,
+) -> dg.MaterializeResult:
+    report = pipeline.extract_keyframes(
+        context.partition_key,
+        store=db.get(),
+        storage=storage.get(),
+        params=SceneParams(**config.model_dump()),
+    )
+    video = report.video
+    context.log.info(
+        f"Video {video.id}: {len(report.scenes)} scenes in {video.duration_s:.1f}s of video "
+        f"({', '.join(f'{k}={v:.2f}s' for k, v in report.timings_s.items())})"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "scene_count": len(report.scenes),
+            "duration_s": video.duration_s,
+            "resolution": f"{video.width}x{video.height}",
+            "stage_seconds": report.timings_s,
+            "contact_sheet": _jpeg_markdown(report.contact_sheet_jpeg),
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=videos_partitions,
+    group_name=GROUP,
+    deps=[scene_keyframes],
+    kinds={"supabase"},
+    description="A short-lived signed URL per thumbnail (SIGNED_URL_EXPIRES_S, 5 minutes by default), "
+    "for the RunPod worker to download from.",
+)
+def scene_signed_urls(
+    context: dg.AssetExecutionContext, db: VectorStoreResource, storage: StorageResource
+) -> dg.Output[dict[int, SignedUrl]]:
+    expires_in = storage.settings().signed_url_expires_s
+    scenes = db.get().scenes(context.partition_key)
+    urls = pipeline.sign_scene_urls(scenes, storage=storage.get(), expires_in=expires_in)
+    return dg.Output(urls, metadata={"signed_urls": len(urls), "expires_in_s": expires_in})
+
+
+@dg.asset(
+    partitions_def=videos_partitions,
+    group_name=GROUP,
+    kinds={"pytorch", "postgres"},
+    # Caps concurrent CLIP calls across all runs (dagster.yaml: match it to RunPod's max workers).
+    pool="clip_inference",
+    description="CLIP embeddings of every keyframe (video_scenes.embedding_visual_clip + "
+    "visual_clip_metadata), through the configured backend: RunPod, local CPU, or off.",
+)
+def scene_clip_embeddings(
+    context: dg.AssetExecutionContext,
+    scene_signed_urls: dict[int, SignedUrl],
+    db: VectorStoreResource,
+    storage: StorageResource,
+    clip: ClipInferenceResource,
+) -> dg.MaterializeResult:
+    store, store_files = db.get(), storage.get()
+    backend = clip.get(store_files)
+    if not backend.enabled:
+        context.log.warning(
+            "CLIP is off (CLIP_INFERENCE_BACKEND=off or CLIP_ENABLED=false): scenes stay without "
+            "CLIP embeddings"
+        )
+        return dg.MaterializeResult(metadata={"backend": "off", "embedded": 0})
+    report = pipeline.embed_video(
+        context.partition_key,
+        store=store,
+        storage=store_files,
+        backend=backend,
+        signed_urls=scene_signed_urls,
+        expires_in=storage.settings().signed_url_expires_s,
+        logger=context.log,
+    )
+    metadata: dict[str, object] = {
+        "scene_count": len(store.scenes(context.partition_key)),
+        "backend": report.backend,
+        "model_version": report.model_version,
+        "computed": report.embedded - report.cache_hits,
+        "cache_hits": report.cache_hits,
+        "urls_resigned": report.resigned,
+        "failures": len(report.failures),
+        "wall_s": round(report.wall_s, 3),
+    }
+    for q in (50, 95, 99):
+        value = report.percentile(q)
+        if value is not None:
+            metadata[f"inference_p{q}_ms"] = round(value, 2)
+    if report.failures:
+        raise dg.Failure(
+            description=f"{len(report.failures)} scene(s) still without a CLIP embedding after retries: "
+            f"{pipeline.failure_summary(report)}. Fix the cause and rerun: only these scenes are redone.",
+            metadata=metadata,
+        )
+    return dg.MaterializeResult(metadata=metadata)
+
+
+ingest_video_job = dg.define_asset_job(
+    "ingest_video",
+    selection=dg.AssetSelection.assets(scene_keyframes, scene_signed_urls, scene_clip_embeddings),
+    description="Everything for one video: keyframes -> signed URLs -> CLIP embeddings (+ checks).",
+)
+
+embed_job = dg.define_asset_job(
+    "embed_scenes",
+    selection=dg.AssetSelection.assets(scene_signed_urls, scene_clip_embeddings),
+    description="Re-embed a video whose keyframes exist (missing or stale-model embeddings only).",
+)

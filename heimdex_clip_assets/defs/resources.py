@@ -1,0 +1,71 @@
+"""Thin Dagster resources over the ``lib`` objects.
+
+Every field defaults to ``None``, meaning "take the seed's environment variable" (``DATABASE_URL``,
+``SUPABASE_URL``, ``CLIP_INFERENCE_BACKEND``, ...), so switching embedded -> real services or
+local -> RunPod needs no code change; a run's config in the launchpad can still override one run.
+The heavy objects (the database connection info, the storage client, the CLIP model) are built once per
+process by ``lib.services`` and shared by every step and run in it.
+"""
+
+import dataclasses
+import os
+
+import dagster as dg
+from pydantic import Field
+
+from ..lib import services
+from ..lib.clip_backends import ClipBackend
+from ..lib.config import Settings
+from ..lib.db import VectorStore
+from ..lib.storage import Storage
+
+
+class VectorStoreResource(dg.ConfigurableResource):
+    """PostgreSQL + pgvector: ``DATABASE_URL``, or the embedded server under ``HEIMDEX_HOME``."""
+
+    database_url: str | None = Field(default=None, description="Overrides DATABASE_URL for this run.")
+
+    def get(self) -> VectorStore:
+        settings = Settings.from_env()
+        if self.database_url:
+            settings = dataclasses.replace(settings, database_url=self.database_url)
+        return services.vector_store(settings)
+
+
+class StorageResource(dg.ConfigurableResource):
+    """Supabase Storage (``SUPABASE_URL``), or the embedded Supabase-compatible server."""
+
+    bucket: str | None = Field(default=None, description="Overrides SUPABASE_BUCKET for this run.")
+    signed_url_expires_s: int | None = Field(
+        default=None, description="Overrides SIGNED_URL_EXPIRES_S (default 300) for this run."
+    )
+
+    def settings(self) -> Settings:
+        settings = Settings.from_env()
+        if self.bucket:
+            settings = dataclasses.replace(settings, bucket=self.bucket)
+        if self.signed_url_expires_s:
+            settings = dataclasses.replace(settings, signed_url_expires_s=self.signed_url_expires_s)
+        return settings
+
+    def get(self) -> Storage:
+        return services.storage(self.settings())
+
+
+class ClipInferenceResource(dg.ConfigurableResource):
+    """Where CLIP runs: ``runpod`` (GPU worker), ``local`` (in-process CPU) or ``off``.
+
+    Chosen by ``CLIP_INFERENCE_BACKEND`` (``CLIP_ENABLED=false`` also means off), with the seed's
+    ``RUNPOD_*``, ``EMBEDDING_HMAC_SECRET`` and ``CLIP_MODEL_*`` variables.
+    """
+
+    backend: str | None = Field(default=None, description="Overrides CLIP_INFERENCE_BACKEND for this run.")
+
+    def settings(self) -> Settings:
+        # Through from_env, so an override gets the same validation as the variable would.
+        return Settings.from_env(
+            {**os.environ, "CLIP_INFERENCE_BACKEND": self.backend} if self.backend else None
+        )
+
+    def get(self, storage: Storage) -> ClipBackend:
+        return services.clip_backend(self.settings(), storage)

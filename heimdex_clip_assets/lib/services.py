@@ -1,0 +1,48 @@
+"""One instance per process of each service object, keyed by the settings that made it.
+
+Dagster builds resources per step and the CLI per command; both come here, so the CLIP model loads
+once per process, the embedded servers are found once, and migrations run once.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from runpod_worker.encoder import ClipEncoder
+
+from .clip_backends import ClipBackend, make_backend, settings_encoder
+from .config import Settings
+from .db import VectorStore, resolve_database_url
+from .embedded import embedded_postgres
+from .storage import Storage, open_storage
+from .storage_server import stop_storage_server
+
+
+@functools.cache
+def vector_store(settings: Settings) -> VectorStore:
+    store = VectorStore(resolve_database_url(settings), dim=settings.clip_dim)
+    store.migrate()
+    return store
+
+
+@functools.cache
+def storage(settings: Settings) -> Storage:
+    return open_storage(settings)
+
+
+@functools.cache
+def clip_backend(settings: Settings, storage: Storage) -> ClipBackend:
+    return make_backend(settings, storage)
+
+
+def text_image_encoder(settings: Settings) -> ClipEncoder:
+    """The in-process encoder (search's text tower, the local backend): one per process."""
+    return settings_encoder(settings)
+
+
+def stop_embedded(settings: Settings) -> None:
+    """Stop the embedded storage server and Postgres of ``settings.home`` (the next use restarts them)."""
+    if settings.embedded_storage:
+        stop_storage_server(settings.home)
+    if settings.embedded_db:
+        embedded_postgres(settings.home).stop()
