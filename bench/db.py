@@ -111,6 +111,7 @@ def run(dsn: str, rows: int, queries: int, ef_values: list[int]) -> None:
             latencies, hits = [], 0
             with conn.transaction():
                 conn.execute(f"SET LOCAL hnsw.ef_search = {ef}")
+                conn.execute("SET LOCAL enable_seqscan = off")  # as VectorStore.search does
                 for q, exact in zip(probes, truth, strict=True):
                     t0 = time.perf_counter()
                     found = {r[0] for r in conn.execute(QUERY_SQL, (q,))}
