@@ -159,8 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     materialize_video(video_id, settings)
     wall = time.perf_counter() - started
-    with store.connect() as conn:
-        rows = conn.execute(STEP7_SQL, (video_id,)).fetchall()
+    rows = store.query(STEP7_SQL, (video_id,))
     table = Table(title="Step 7: video_scenes")
     for column in ("scene", "has_clip", "backend", "inference_ms"):
         table.add_column(column)

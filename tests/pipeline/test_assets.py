@@ -1,12 +1,16 @@
 """The three assets materialized in-process on embedded Postgres + embedded storage + real CLIP."""
 
+import uuid
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from heimdex_clip_assets.cli import STEP7_SQL
 from heimdex_clip_assets.lib import services
 from heimdex_clip_assets.lib.config import Settings
+from heimdex_clip_assets.lib.db import VideoRecord
+from heimdex_clip_assets.lib.errors import InvalidVideoError
 
 
 def _checks(result) -> dict[str, bool]:
@@ -36,6 +40,98 @@ def test_local_backend_end_to_end(local_env: Settings, sample_video: Path, regis
     assert meta["scene_count"].value == 4 and meta["backend"].value == "local"
     assert "inference_p95_ms" in meta and meta["failures"].value == 0
     assert "contact_sheet" in mats["scene_keyframes"]
-    with store._connect() as conn:
-        rows = conn.execute(STEP7_SQL, (video_id,)).fetchall()
+    rows = store.query(STEP7_SQL, (video_id,))
     assert [r["has_clip"] for r in rows] == [True] * 4
+
+
+def test_runpod_backend_matches_local(
+    local_env: Settings,
+    sample_video: Path,
+    register,
+    materialize,
+    monkeypatch,
+    worker_url: str,
+    worker_secret: str,
+) -> None:
+    """The same scenes through the real worker (runpod SDK local API) and in-process: cosine >= 0.999."""
+    video_id = register(sample_video)
+    assert materialize(video_id).success
+    store = services.vector_store(local_env)
+    local = {s.index: s.embedding for s in store.scenes(video_id)}
+
+    store.clear_embeddings(video_id)  # otherwise the sha256 cache answers instead of the worker
+    monkeypatch.setenv("CLIP_INFERENCE_BACKEND", "runpod")
+    monkeypatch.setenv("RUNPOD_CLIP_ENDPOINT_URL", worker_url)
+    monkeypatch.setenv("EMBEDDING_HMAC_SECRET", worker_secret)
+    result = materialize(video_id, job="embed_scenes")
+    assert result.success
+    for scene in store.scenes(video_id):
+        assert scene.metadata["backend"] == "runpod"
+        assert float(np.dot(scene.embedding, local[scene.index])) >= 0.999
+
+
+def test_off_backend_completes_without_embeddings(
+    local_env: Settings, sample_video: Path, register, materialize, monkeypatch
+) -> None:
+    monkeypatch.setenv("CLIP_INFERENCE_BACKEND", "off")
+    video_id = register(sample_video)
+    result = materialize(video_id)
+    assert result.success
+    scenes = services.vector_store(local_env).scenes(video_id)
+    assert len(scenes) == 4 and all(s.embedding is None for s in scenes)
+    evaluations = result.get_asset_check_evaluations()
+    assert all(e.passed and e.metadata["skipped"].value for e in evaluations)
+
+
+def test_failed_scenes_fail_the_run_and_a_rerun_fills_only_the_gaps(
+    local_env: Settings, sample_video: Path, register, materialize
+) -> None:
+    video_id = register(sample_video)
+    store, storage = services.vector_store(local_env), services.storage(local_env)
+    assert materialize(video_id).success
+    store.clear_embeddings(video_id)
+    # Scene 2's thumbnail becomes garbage: the other scenes must still be embedded and stored.
+    good = storage.download(f"thumbnails/{video_id}/2.jpg")
+    storage.upload(f"thumbnails/{video_id}/2.jpg", b"not a jpeg", content_type="image/jpeg")
+    failed = materialize(video_id, job="embed_scenes")
+    assert not failed.success
+    failure = next(e for e in failed.all_events if e.is_step_failure)
+    assert "scene 2: invalid_image" in failure.step_failure_data.user_failure_data.description
+    first = {s.index: s for s in store.scenes(video_id)}
+    assert first[2].embedding is None
+    assert all(first[i].embedding is not None for i in (0, 1, 3))
+
+    storage.upload(f"thumbnails/{video_id}/2.jpg", good, content_type="image/jpeg")
+    assert materialize(video_id, job="embed_scenes").success
+    second = {s.index: s for s in store.scenes(video_id)}
+    assert second[2].embedding is not None
+    for i in (0, 1, 3):  # untouched: same vector, same write
+        assert second[i].metadata["embedded_at"] == first[i].metadata["embedded_at"]
+
+
+def test_corrupt_video_fails_clearly_and_writes_nothing(
+    local_env: Settings, corrupt_video: Path, empty_video: Path, register
+) -> None:
+    store = services.vector_store(local_env)
+    for bad in (corrupt_video, empty_video):
+        with pytest.raises(InvalidVideoError, match=r"check the file|pass a video file"):
+            register(bad)
+    assert store.list_video_ids() == []
+
+
+def test_corrupt_video_in_storage_fails_the_keyframes_asset(
+    local_env: Settings, materialize, corrupt_video: Path
+) -> None:
+    """A video that got into storage anyway (e.g. replaced) fails with a clear message; no scenes."""
+    store, storage = services.vector_store(local_env), services.storage(local_env)
+    video_id = str(uuid.uuid4())
+    storage.upload(f"videos/{video_id}/bad.mp4", corrupt_video.read_bytes(), content_type="video/mp4")
+    store.upsert_video(
+        VideoRecord(id=video_id, storage_path=f"videos/{video_id}/bad.mp4", filename="bad.mp4")
+    )
+    result = materialize(video_id)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    assert "is not a video we can decode" in str(failure.step_failure_data.error)
+    assert store.scenes(video_id) == []
+    assert store.get_video(video_id).status == "failed"
