@@ -1,0 +1,162 @@
+"""Sensor ticks and schedule selection against a real Dagster instance; asset checks failing on bad data."""
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+
+from heimdex_clip_assets.defs.resources import ClipInferenceResource, StorageResource, VectorStoreResource
+from heimdex_clip_assets.defs.schedules import embedding_backfill_schedule
+from heimdex_clip_assets.defs.sensors import new_videos_sensor
+from heimdex_clip_assets.lib import checks, services
+from heimdex_clip_assets.lib.config import Settings
+from heimdex_clip_assets.lib.db import EmbeddingRow, SceneRecord
+
+RESOURCES = {"db": VectorStoreResource(), "storage": StorageResource(), "clip": ClipInferenceResource()}
+
+
+def _tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult | dg.SkipReason:
+    """One sensor evaluation, then what the daemon does with it: add the partitions."""
+    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=RESOURCES)
+    result = new_videos_sensor(context)
+    if isinstance(result, dg.SensorResult):
+        for request in result.dynamic_partitions_requests or []:
+            instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+def test_sensor_registers_inbox_videos_once(
+    local_env: Settings, instance: dg.DagsterInstance, sample_video: Path
+) -> None:
+    inbox = local_env.inbox_dir
+    inbox.mkdir(parents=True, exist_ok=True)
+    shutil.copy(sample_video, inbox / "clip.mp4")
+    (inbox / "notes.txt").write_text("not a video, ignored")
+
+    first = _tick(instance, None)
+    assert isinstance(first, dg.SensorResult)
+    (request,) = first.run_requests
+    video_id = request.partition_key
+    assert request.run_key == video_id
+    assert instance.get_dynamic_partitions("videos") == [video_id]
+    assert (inbox / "registered" / "clip.mp4").exists() and (inbox / "notes.txt").exists()
+
+    # Same cursor again (a daemon restart replaying the tick): same run key, nothing new.
+    replay = _tick(instance, None)
+    assert [r.run_key for r in replay.run_requests] == [video_id]
+    # The next tick, and the same video dropped again: no new run.
+    shutil.copy(sample_video, inbox / "again.mp4")
+    assert isinstance(_tick(instance, first.cursor), dg.SkipReason)
+    assert instance.get_dynamic_partitions("videos") == [video_id]
+
+
+def test_sensor_moves_a_bad_file_aside(
+    local_env: Settings, instance: dg.DagsterInstance, corrupt_video: Path
+) -> None:
+    inbox = local_env.inbox_dir
+    inbox.mkdir(parents=True, exist_ok=True)
+    shutil.copy(corrupt_video, inbox / "broken.mp4")
+    assert isinstance(_tick(instance, None), dg.SkipReason)
+    assert "not a video" in (inbox / "rejected" / "broken.mp4.error.txt").read_text()
+
+
+def test_schedule_selects_missing_and_stale_embeddings(
+    local_env: Settings, instance: dg.DagsterInstance, sample_video: Path, make_video, register, materialize
+) -> None:
+    store = services.vector_store(local_env)
+    done, stale, missing = (register(p) for p in (sample_video, make_video(scenes=2), make_video(scenes=3)))
+    for video_id in (done, stale, missing):
+        assert materialize(video_id).success
+    store.clear_embeddings(missing)
+    store.write_embeddings(
+        stale,
+        [
+            EmbeddingRow(s.index, s.embedding, {**s.metadata, "model_version": "old-v0"})
+            for s in store.scenes(stale)
+        ],
+    )
+    unpartitioned = register(make_video(scenes=4))  # the sensor's job, not the schedule's
+
+    def evaluate() -> list[dg.RunRequest] | dg.SkipReason:
+        context = dg.build_schedule_context(
+            instance=instance, resources=RESOURCES, scheduled_execution_time=dt.datetime(2026, 11, 26, 6)
+        )
+        return embedding_backfill_schedule(context)
+
+    requests = evaluate()
+    assert sorted(r.partition_key for r in requests) == sorted([stale, missing])
+    assert unpartitioned not in {r.partition_key for r in requests}
+    for r in requests:
+        assert materialize(r.partition_key, job="embed_scenes").success
+    assert isinstance(evaluate(), dg.SkipReason)
+
+
+def test_schedule_is_bounded_per_tick(
+    local_env: Settings, instance: dg.DagsterInstance, make_video, register, materialize, monkeypatch
+) -> None:
+    monkeypatch.setenv("CLIP_INFERENCE_BACKEND", "off")
+    for n in (2, 3, 4):
+        assert materialize(register(make_video(scenes=n))).success
+    monkeypatch.setenv("CLIP_INFERENCE_BACKEND", "local")
+    monkeypatch.setenv("HEIMDEX_BACKFILL_MAX_RUNS", "2")
+    context = dg.build_schedule_context(
+        instance=instance, resources=RESOURCES, scheduled_execution_time=dt.datetime(2026, 11, 26, 6)
+    )
+    assert len(embedding_backfill_schedule(context)) == 2
+
+
+def _scene(index: int, vector: np.ndarray | None, version: str = "v1") -> SceneRecord:
+    return SceneRecord(
+        index=index,
+        start_s=0,
+        end_s=1,
+        keyframe_s=0.5,
+        thumbnail_path="t",
+        thumbnail_sha256="s",
+        embedding=vector,
+        metadata={"model_version": version} if vector is not None else None,
+    )
+
+
+def _unit(seed: int, dim: int = 512) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.parametrize(
+    ("rule", "bad"),
+    [
+        ("every_scene_embedded", [_scene(0, _unit(0)), _scene(1, None)]),
+        ("every_scene_embedded", []),
+        ("dimension_matches", [_scene(0, _unit(0)), _scene(1, _unit(1, dim=768))]),
+        ("norms_are_unit", [_scene(0, _unit(0)), _scene(1, _unit(1) * 1.5)]),
+        ("one_model_version", [_scene(0, _unit(0), "v1"), _scene(1, _unit(1), "v2")]),
+    ],
+)
+def test_each_check_fails_when_it_should(rule: str, bad: list[SceneRecord]) -> None:
+    good = [_scene(0, _unit(0)), _scene(1, _unit(1))]
+    assert checks.EMBEDDING_CHECKS[rule](good, 512).passed
+    outcome = checks.EMBEDDING_CHECKS[rule](bad, 512)
+    assert not outcome.passed and outcome.description
+
+
+def test_asset_check_fails_in_dagster_on_a_bad_vector(
+    local_env: Settings, sample_video: Path, register, materialize, instance: dg.DagsterInstance
+) -> None:
+    from heimdex_clip_assets.definitions import defs
+
+    video_id = register(sample_video)
+    assert materialize(video_id).success
+    store = services.vector_store(local_env)
+    scene = store.scenes(video_id)[0]
+    store.write_embeddings(video_id, [EmbeddingRow(0, scene.embedding * 2, {**scene.metadata})])
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(
+        asset_check_selection={dg.AssetCheckKey(dg.AssetKey("scene_clip_embeddings"), "norms_are_unit")},
+        asset_selection=set(),
+    )
+    result = job.execute_in_process(partition_key=video_id, instance=instance, raise_on_error=False)
+    (evaluation,) = result.get_asset_check_evaluations()
+    assert not evaluation.passed and "norm" in evaluation.description
