@@ -5,7 +5,9 @@
 
 For batched and one-image requests it prints images/s for: the raw encoder on already-preprocessed
 tensors (the ceiling), the handler with the bytes already downloaded (parse, verify, decode, encode,
-output dict), and the full handler fetching from a loopback HTTP server; then handler / raw.
+output dict), and the full handler fetching from a loopback HTTP server; then handler / raw. A second
+line splits the handler's time: bytes -> preprocessed tensors on the device (decode), bytes ->
+embeddings (encode_bytes), so handler - encode_bytes is the request/response work around the model.
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def rate(images: int, fn: Callable[[], object], repeats: int) -> float:
     for _ in range(repeats):
         fn()
     return images * repeats / (time.perf_counter() - started)
+
+
+def decoded_on_device(encoder: ClipEncoder, images: Sequence[bytes]) -> object:
+    """Bytes -> preprocessed tensors on the encoder's device, waiting for the device to finish."""
+    if encoder.device.type == "cuda":
+        out: object = encoder._decode_cuda(images)
+        torch.cuda.synchronize(encoder.device)
+        return out
+    return [encoder.decode(b) for b in images]
 
 
 def main() -> None:
@@ -121,9 +132,16 @@ def main() -> None:
         raw = rate(count, lambda t=tensors: encoder.encode_tensors(t), reps)
         core = rate(count, handler_run(count, downloaded=True), reps)
         full = rate(count, handler_run(count, downloaded=False), reps)
+        decode = rate(count, lambda b=images[:count]: decoded_on_device(encoder, b), reps)
+        encode_bytes = rate(count, lambda b=images[:count]: encoder.encode_bytes(b), reps)
         print(
             f"{label:6s} raw encoder {raw:9.1f} img/s | handler, bytes downloaded {core:9.1f} img/s "
             f"(x{core / raw:.2f}) | handler + loopback HTTP {full:9.1f} img/s (x{full / raw:.2f})"
+        )
+        print(
+            f"{label:6s} split: decode {decode:9.1f} img/s ({1000 * count / decode:.1f} ms/call) | "
+            f"encode_bytes {encode_bytes:9.1f} img/s ({1000 * count / encode_bytes:.1f} ms/call) | "
+            f"handler {1000 * count / core:.1f} ms/call"
         )
     server.close()
 

@@ -7,12 +7,14 @@ Run ``python -m runpod_worker.handler`` (RunPod), add ``--rp_serve_api`` for a l
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,15 @@ class WorkerState:
     config: WorkerConfig
     encoder: ClipEncoder
     verifier: Verifier | None  # None only when WORKER_ALLOW_INSECURE_NO_AUTH=true and no secret is set
+    # Model calls run on these long-lived threads, one per concurrent job. asyncio.to_thread would use
+    # the event loop's default pool, which is new for every asyncio.run (the bench, the local API's
+    # tests) and per thread CUDA keeps state (cuBLAS/cuDNN handles, streams) that a fresh thread sets
+    # up again; a fixed pool pays that once per process.
+    executor: ThreadPoolExecutor = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        pool = ThreadPoolExecutor(max_workers=max(1, self.config.job_concurrency), thread_name_prefix="clip")
+        object.__setattr__(self, "executor", pool)
 
     @classmethod
     def create(cls, config: WorkerConfig, encoder: ClipEncoder | None = None) -> WorkerState:
@@ -123,7 +134,9 @@ async def embed_downloaded(
     good = [p for p in payloads if isinstance(p, bytes)]
     # The model call is seconds of CPU (or a GPU sync): off the event loop so other jobs' downloads
     # and RunPod's heartbeat keep running.
-    encoded = await asyncio.to_thread(state.encoder.encode_bytes, good, normalize=request.normalize)
+    encoded = await asyncio.get_running_loop().run_in_executor(
+        state.executor, functools.partial(state.encoder.encode_bytes, good, normalize=request.normalize)
+    )
     rows = iter(encoded)
     slots: list[np.ndarray | ClipError] = [p if isinstance(p, ClipError) else next(rows) for p in payloads]
     inference_ms = _ms(started)

@@ -394,7 +394,16 @@ def build_batch_request(
 
 # ------------------------------------------------------------------------------------- embeddings
 def encode_embedding(values: Sequence[float] | Any, encoding: Encoding) -> list[float] | str:
-    """JSON floats (the seed's shape) or base64 little-endian float32 (4 bytes, not ~20, per value)."""
+    """JSON floats (the seed's shape) or base64 little-endian float32 (4 bytes, not ~20, per value).
+
+    A numpy array (duck-typed, so this module still imports only the standard library) is converted
+    in C: a Python loop over 512 floats costs ~0.1 ms per embedding, ~50 ms for a 512-image batch.
+    """
+    if hasattr(values, "astype") and hasattr(values, "tobytes"):
+        if encoding == "base64":
+            return base64.b64encode(values.astype("<f4", copy=False).tobytes()).decode()
+        # tolist() of float32 gives the same Python floats as float(v) per element, ~3x faster.
+        return values.tolist()
     if encoding == "base64":
         import array
 

@@ -85,3 +85,18 @@ def test_rotation_accepts_current_and_previous() -> None:
     message, ts, sig = _single("other")
     with pytest.raises(AuthError):
         verifier.verify(message, ts, sig, now=NOW)
+
+
+def test_encode_embedding_ndarray_matches_sequence() -> None:
+    # The handler passes numpy rows (converted in C); plain sequences keep the stdlib path. Same wire.
+    np = pytest.importorskip("numpy")
+    row = np.random.default_rng(0).standard_normal(512).astype(np.float32)
+    for encoding in ("json", "base64"):
+        fast = protocol.encode_embedding(row, encoding)
+        slow = protocol.encode_embedding([float(v) for v in row], encoding)
+        assert fast == slow
+        assert protocol.decode_embedding(fast, 512) == row.tolist()
+    assert (
+        protocol.decode_embedding(protocol.encode_embedding(row.astype(np.float64), "base64"), 512)
+        == row.tolist()
+    )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runpod_worker.encoder import ClipEncoder
+from runpod_worker.encoder import ClipEncoder, _jpeg_frame
 from runpod_worker.protocol import InternalError, InvalidImageError
 from tests.worker.conftest import jpeg
 
@@ -69,3 +69,40 @@ def test_missing_weights_say_what_to_set(tmp_path: Path) -> None:
         ClipEncoder.load(pretrained=str(tmp_path / "nope.safetensors"), device="cpu")
     with pytest.raises(InternalError, match="CLIP_PRETRAINED=<path"):
         ClipEncoder.load("ViT-B-32", "laion2b_s34b_b79k", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"progressive": True}, {"exif": Image.Exif().tobytes()}, {"subsampling": 0, "quality": 95}],
+    ids=["baseline", "progressive", "exif", "444"],
+)
+def test_jpeg_frame_matches_pil(options: dict[str, object]) -> None:
+    # The GPU path sizes JPEGs (pixel limit, nvJPEG support) from this parser instead of PIL.
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(333, 211))).save(buf, "JPEG", **options)
+    frame = _jpeg_frame(buf.getvalue())
+    assert frame is not None and frame[1:] == (333, 211)
+    assert frame[0] == (0xC2 if options.get("progressive") else 0xC0)
+
+
+@pytest.mark.parametrize(
+    "data", [b"\xff\xd8", b"\xff\xd8\xff\xe0\x00", b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8xx"]
+)
+def test_jpeg_frame_gives_up_on_malformed_headers(data: bytes) -> None:
+    assert _jpeg_frame(data) is None
+
+
+def test_batched_jpeg_path_runs_on_cpu_too(worker_encoder: ClipEncoder) -> None:
+    # The GPU path's logic (header sizing, grouping, fallbacks, per-image errors) with torchvision's
+    # CPU decoder standing in for nvJPEG; the H200 run of bench/worker.py covers the device itself.
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpeg(400, 300))).save(png, "PNG")
+    images = [jpeg(640, 360), png.getvalue(), b"\xff\xd8\xff\xe0junk", jpeg(480, 270), jpeg(640, 360)]
+    out = worker_encoder._decode_cuda(images)
+    assert isinstance(out[2], InvalidImageError)
+    for data, got in zip(images, out, strict=True):
+        if data is images[2]:
+            continue
+        assert isinstance(got, torch.Tensor) and got.shape == (3, 224, 224)
+        pair = worker_encoder.encode_tensors(torch.stack([got, worker_encoder.decode(data)]))
+        assert float(pair[0] @ pair[1]) > 0.99
