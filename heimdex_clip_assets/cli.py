@@ -80,7 +80,11 @@ def materialize_video(video_id: str, settings: Settings) -> None:
     instance = dg.DagsterInstance.get()
     instance.add_dynamic_partitions("videos", [video_id])
     result = defs.resolve_job_def("ingest_video").execute_in_process(
-        partition_key=video_id, instance=instance, raise_on_error=False
+        partition_key=video_id,
+        instance=instance,
+        raise_on_error=False,
+        # Our per-scene lines are INFO; Dagster's own step events are DEBUG and would drown them.
+        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
     )
     if not result.success:
         raise ClipError(_run_failure_message(result))
