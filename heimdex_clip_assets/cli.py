@@ -334,9 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=3000)
     p.add_argument(
-        "--stop-services",
+        "--keep-services",
         action="store_true",
-        help="Also stop the embedded Postgres and storage server on exit.",
+        help="Leave the embedded Postgres and storage server running on exit.",
     )
     p.set_defaults(func=cmd_dev)
 
