@@ -1,0 +1,114 @@
+"""Helpers the pipeline benches share: an isolated state folder, a checkpoint, a sample video, timers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# Anything that would point the run at someone else's services or Dagster instance: unset, the
+# embedded defaults under the temporary HEIMDEX_HOME take over (what a new user gets).
+_SERVICE_VARS = (
+    "DATABASE_URL",
+    "SUPABASE_URL",
+    "SUPABASE_SERVICE_ROLE_KEY",
+    "DAGSTER_HOME",
+    "DAGSTER_PG_URL",
+    "DAGSTER_ARTIFACTS_DIR",
+    "HEIMDEX_INBOX_DIR",
+    "CLIP_MODEL_VERSION",
+)
+
+
+def add_video_args(parser: argparse.ArgumentParser, *, scenes: int, scene_seconds: float) -> None:
+    parser.add_argument("--scenes", type=int, default=scenes, help=f"scenes in the video (default {scenes})")
+    parser.add_argument("--scene-seconds", type=float, default=scene_seconds)
+    parser.add_argument("--size", default="1280x720", help="video size, e.g. 1280x720")
+    parser.add_argument("--checkpoint", help="weights file (default: CLIP_PRETRAINED, else random ViT-B-32)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="CLIP_PRECISION")
+    parser.add_argument("--batch", type=int, default=32, help="CLIP_BATCH_SIZE")
+
+
+@contextmanager
+def isolated_home() -> Iterator[Path]:
+    """A temporary HEIMDEX_HOME with embedded Postgres + storage, stopped and deleted on exit."""
+    from heimdex_clip_assets.lib import services
+    from heimdex_clip_assets.lib.config import Settings
+
+    saved = dict(os.environ)
+    # Short prefix: the embedded Postgres socket path must stay under the 107-byte limit.
+    home = Path(tempfile.mkdtemp(prefix="hxb-"))
+    for name in _SERVICE_VARS:
+        os.environ.pop(name, None)
+    os.environ["HEIMDEX_HOME"] = str(home)
+    try:
+        yield home
+    finally:
+        try:
+            services.stop_embedded(Settings.from_env())
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def clip_env(args: argparse.Namespace, folder: Path) -> dict[str, str]:
+    """Local-backend CLIP settings; makes a random-init ViT-B-32 when no weights are given (none can be
+    downloaded here, and random weights cost the same compute as real ones)."""
+    checkpoint = args.checkpoint or os.environ.get("CLIP_PRETRAINED")
+    if not checkpoint:
+        import open_clip
+        import torch
+        from safetensors.torch import save_file
+
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-32", pretrained=None)
+        checkpoint = str(folder / "vit-b-32-random.safetensors")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
+    return {
+        "CLIP_INFERENCE_BACKEND": "local",
+        "CLIP_MODEL_NAME": "ViT-B-32",
+        "CLIP_PRETRAINED": checkpoint,
+        "CLIP_PRECISION": args.precision,
+        "CLIP_BATCH_SIZE": str(args.batch),
+    }
+
+
+def sample_video(args: argparse.Namespace, folder: Path) -> tuple[Path, float]:
+    """Generate the bench video; returns its path and duration in seconds."""
+    from heimdex_clip_assets.lib.sample_video import generate_sample_video
+    from heimdex_clip_assets.lib.scenes import probe_video
+
+    width, height = (int(v) for v in args.size.lower().split("x"))
+    t0 = time.perf_counter()
+    path = generate_sample_video(
+        folder / f"bench-{args.scenes}x{args.scene_seconds:g}s.mp4",
+        scenes=args.scenes,
+        scene_seconds=args.scene_seconds,
+        size=(width, height),
+    )
+    duration = probe_video(path).duration_s
+    made_s = time.perf_counter() - t0
+    print(f"video: {duration:.1f} s of {width}x{height} ({args.scenes} scenes), made in {made_s:.1f} s")
+    return path, duration
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """``fn()``'s result and its wall time in seconds."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def load_note() -> str:
+    """1-minute load average against the core count: other jobs on the machine make numbers noisy."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    return f"load avg {load:.2f} on {cores} cores" + (" (busy: numbers may be noisy)" if load > 0.5 else "")
