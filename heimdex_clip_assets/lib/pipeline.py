@@ -7,6 +7,7 @@ asset, in ``heimdex-clip backfill`` and in tests.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import tempfile
@@ -177,15 +178,14 @@ def extract_keyframes(
     ]
     store.replace_scenes(video_id, records)
     store.upsert_video(
-        VideoRecord(
-            id=video_id,
-            storage_path=video.storage_path,
-            filename=video.filename,
+        dataclasses.replace(
+            video,
             duration_s=info.duration_s,
             fps=info.fps,
             width=info.width,
             height=info.height,
             status="scenes_ready",
+            error=None,
         )
     )
     timings["db"] = time.perf_counter() - t0

@@ -30,28 +30,6 @@ from heimdex_clip_assets.lib.errors import (
 DIM = 512
 MODEL = "openai-vit-b-32-v1"
 
-# The seed guide's SQL, verbatim but for the video id placeholder.
-SEED_STEP7_SQL = """
-SELECT
-  id,
-  index,
-  embedding_visual_clip IS NOT NULL as has_clip,
-  visual_clip_metadata->>'backend' as backend,
-  visual_clip_metadata->>'inference_time_ms' as inference_ms
-FROM video_scenes
-WHERE video_id = '<test-video-uuid>'
-ORDER BY index;
-"""
-SEED_MONITORING_SQL = """
-SELECT
-  visual_clip_metadata->>'backend' as backend,
-  COUNT(*) as count,
-  AVG((visual_clip_metadata->>'inference_time_ms')::float) as avg_inference_ms
-FROM video_scenes
-WHERE embedding_visual_clip IS NOT NULL
-GROUP BY backend;
-"""
-
 
 def unit(rng: np.random.Generator) -> np.ndarray:
     v = rng.standard_normal(DIM).astype(np.float32)
@@ -307,25 +285,3 @@ def test_search_finds_planted_near_duplicates(store: VectorStore) -> None:
     in_video = store.search(query, k=10, video_id=videos[2])
     assert len(in_video) == 10 and {h.video_id for h in in_video} == {videos[2]}
     assert store.search(query, k=3, model_version="other-model") == []
-
-
-# ------------------------------------------------------------------------------------ the seed's SQL
-def test_seed_sql_runs_verbatim(store: VectorStore) -> None:
-    rng = np.random.default_rng(7)
-    video_id = add_video(store, 3)
-    store.write_embeddings(
-        video_id,
-        [
-            EmbeddingRow(0, unit(rng), metadata(inference_ms=45.2)),
-            EmbeddingRow(1, unit(rng), metadata(inference_ms=52.1)),
-        ],
-    )
-    with psycopg.connect(store.dsn) as conn:
-        rows = conn.execute(SEED_STEP7_SQL.replace("<test-video-uuid>", video_id)).fetchall()
-        monitoring = conn.execute(SEED_MONITORING_SQL).fetchall()
-    assert [(index, has_clip, backend, ms) for _, index, has_clip, backend, ms in rows] == [
-        (0, True, "runpod", "45.2"),
-        (1, True, "runpod", "52.1"),
-        (2, False, None, None),
-    ]
-    assert monitoring == [("runpod", 2, pytest.approx(48.65))]
