@@ -28,12 +28,17 @@ def _tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult |
     return result
 
 
+def _drop(settings: Settings, source: Path, name: str) -> Path:
+    """Put a file in the inbox as a user would; returns the inbox."""
+    settings.inbox_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source, settings.inbox_dir / name)
+    return settings.inbox_dir
+
+
 def test_sensor_registers_inbox_videos_once(
     local_env: Settings, instance: dg.DagsterInstance, sample_video: Path
 ) -> None:
-    inbox = local_env.inbox_dir
-    inbox.mkdir(parents=True, exist_ok=True)
-    shutil.copy(sample_video, inbox / "clip.mp4")
+    inbox = _drop(local_env, sample_video, "clip.mp4")
     (inbox / "notes.txt").write_text("not a video, ignored")
 
     first = _tick(instance, None)
@@ -48,7 +53,7 @@ def test_sensor_registers_inbox_videos_once(
     replay = _tick(instance, None)
     assert [r.run_key for r in replay.run_requests] == [video_id]
     # The next tick, and the same video dropped again: no new run.
-    shutil.copy(sample_video, inbox / "again.mp4")
+    _drop(local_env, sample_video, "again.mp4")
     assert isinstance(_tick(instance, first.cursor), dg.SkipReason)
     assert instance.get_dynamic_partitions("videos") == [video_id]
 
@@ -56,9 +61,7 @@ def test_sensor_registers_inbox_videos_once(
 def test_sensor_moves_a_bad_file_aside(
     local_env: Settings, instance: dg.DagsterInstance, corrupt_video: Path
 ) -> None:
-    inbox = local_env.inbox_dir
-    inbox.mkdir(parents=True, exist_ok=True)
-    shutil.copy(corrupt_video, inbox / "broken.mp4")
+    inbox = _drop(local_env, corrupt_video, "broken.mp4")
     assert isinstance(_tick(instance, None), dg.SkipReason)
     assert "not a video" in (inbox / "rejected" / "broken.mp4.error.txt").read_text()
 
