@@ -11,13 +11,15 @@ import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Literal
 
 import av
 import cv2
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scenedetect import AdaptiveDetector, ContentDetector, SceneManager, ThresholdDetector, open_video
+from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, ThresholdDetector
 from scenedetect.detector import FlashFilter
 from scenedetect.scene_manager import compute_downscale_factor
 
@@ -37,17 +39,27 @@ _SCORE_WIDTH = 320
 _MIN_BRIGHTNESS = 0.08
 _MAX_BRIGHTNESS = 0.92
 _MIN_CONTRAST = 0.03
-# Between candidates further apart than this, seek instead of decoding through. A seek restarts at
-# the previous keyframe (typically 1-10 s back), so for shorter gaps decoding on is never slower.
-_SEEK_GAP_S = 10.0
+# Keyframe candidates are decoded frames held by reference (copying or scaling each one would cost as
+# much as detection itself) until their scene ends. Per open scene the pool keeps between N and 2N,
+# evenly spread, so memory stays bounded however long a scene runs: N is 16 (a 25/50/75 % point is at
+# most 1/32 of the scene from a candidate, one analysis frame in short scenes), fewer for frames so
+# large that 2N of them would pass _POOL_BYTES, but never under 4.
+_POOL_SIZE = 16
+_POOL_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
 class _Scored:
+    frame_no: int
     frame: av.VideoFrame
     sharpness: float  # variance of the Laplacian: high for crisp edges, low for blur and darkness
     brightness: float  # mean grey level, 0-1
     usable: bool
+
+    @property
+    def score(self) -> tuple[float, float]:
+        """(sharpness, brightness), as a Keyframe reports them."""
+        return self.sharpness, self.brightness
 
 
 @dataclass(frozen=True)
@@ -95,75 +107,65 @@ def probe_video(path: str | Path) -> VideoInfo:
         return VideoInfo(duration_s, fps, *size, frame_count)
 
 
-def detect_scenes(
+def detect_scenes_and_keyframes(
     path: str | Path,
     *,
     detector: Detector = "content",
     threshold: float | None = None,
     min_scene_len_s: float = 0.5,
-    downscale: int | None = None,
-    frame_skip: int | None = None,
-) -> list[Scene]:
-    """Split a video into scenes; a video without cuts is one scene.
+    candidates: int = 3,
+    max_side: int | None = 480,
+) -> tuple[list[Scene], list[Keyframe]]:
+    """Split a video into scenes and choose each scene's sharpest usable frame, in ONE decode pass.
 
-    ``threshold`` is the chosen detector's own (content: 27, adaptive: 3, threshold: 12 by default).
-    ``downscale`` and ``frame_skip`` default to what keeps 720p well above 30x realtime on two cores.
-    """
-    info = probe_video(path)
-    manager = SceneManager()
-    manager.auto_downscale = False
-    manager.downscale = downscale or max(1, round(compute_downscale_factor(info.width)))
-    manager.add_detector(_make_detector(detector, threshold, min_scene_len_s))
-    if frame_skip is None:
-        frame_skip = max(0, round(info.fps / _ANALYSIS_FPS) - 1)
-    # OpenCV over PySceneDetect's PyAV backend: measured ~1.8x faster here with frame skipping,
-    # because it skips frames with grab() and never converts them.
-    manager.detect_scenes(open_video(str(path), backend="opencv"), frame_skip=frame_skip)
-    spans = manager.get_scene_list(start_in_scene=True) or [(None, None)]
-    scenes = [
-        Scene(i, start.seconds if start is not None else 0.0, end.seconds if end is not None else 0.0)
-        for i, (start, end) in enumerate(spans)
-    ]
-    # Skipped frames can leave the last scene a frame or two short; the scenes must tile the video.
-    return [*scenes[:-1], Scene(scenes[-1].index, scenes[-1].start_s, max(scenes[-1].end_s, info.duration_s))]
-
-
-def pick_keyframes(
-    path: str | Path, scenes: Sequence[Scene], *, candidates: int = 3, max_side: int | None = None
-) -> list[Keyframe]:
-    """Choose the sharpest usable frame among ``candidates`` evenly spaced through each scene.
-
-    ``max_side`` scales the kept image while it is converted from YUV, which is much cheaper than
-    converting at full size and resizing later, and bounds memory on long videos.
+    A video without cuts is one scene. ``threshold`` is the chosen detector's own (content: 27,
+    adaptive: 3, threshold: 12 by default). The keyframe is the best of ``candidates`` frames near
+    evenly spaced points of the scene (25/50/75 % for three); ``max_side`` bounds its size (None: full).
     """
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
-    requests = sorted(
-        (scene.start_s + scene.duration_s * (k + 1) / (candidates + 1), pos)
-        for pos, scene in enumerate(scenes)
-        for k in range(candidates)
-    )
-    left = [candidates] * len(scenes)
-    best: dict[int, _Scored] = {}
-    keyframes: list[Keyframe] = [None] * len(scenes)  # type: ignore[list-item]
-    for (_, pos), frame in zip(requests, _frames_at(path, [t for t, _ in requests]), strict=True):
-        scored = _score(frame)
-        # Usable beats unusable, then sharper wins; strict ">" keeps the earliest of equals, so the
-        # choice is stable.
-        if pos not in best or (scored.usable, scored.sharpness) > (best[pos].usable, best[pos].sharpness):
-            best[pos] = scored
-        left[pos] -= 1
-        if not left[pos]:
-            # Convert the winner now and drop the rest, so memory holds one scene's candidates.
-            chosen = best.pop(pos)
-            keyframes[pos] = Keyframe(
-                scenes[pos].index,
-                float(chosen.frame.time),
-                _to_image(chosen.frame, max_side),
-                chosen.sharpness,
-                chosen.brightness,
-            )
-    return keyframes
+    scene_detector = _make_detector(detector, threshold, min_scene_len_s)
+    with _open_video(path) as (container, stream):
+        # Frame threads: decoding is most of the cost and otherwise runs on one core.
+        stream.thread_type = "AUTO"
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        downscale = max(1, round(compute_downscale_factor(width)))
+        # Even, as I420 needs; SceneManager would round to the nearest pixel, a difference of one.
+        small = max(2, round(width / downscale / 2) * 2), max(2, round(height / downscale / 2) * 2)
+        step = max(1, round(rate / _ANALYSIS_FPS))
+        frame_bytes = width * height * 3 // 2  # yuv420p, what nearly every video decodes to
+        pool_size = max(4, min(_POOL_SIZE, _POOL_BYTES // (2 * frame_bytes)))
+        pool = _CandidatePool(candidates, pool_size, step)
+        last = -1
+        for last, frame in enumerate(_decode(container, stream)):
+            if last % step:
+                continue
+            pool.add(last, frame)
+            image = _small_bgr(frame, small)
+            for cut in scene_detector.process_frame(FrameTimecode(last, rate), image):
+                pool.cut(cut.frame_num)
+        if last < 0:
+            raise _undecodable(path, "no frame decodes")
+        # Some detectors (threshold: a fade-out at the end) only report cuts once the video is over.
+        for cut in scene_detector.post_process(FrameTimecode(last, rate)):
+            pool.cut(cut.frame_num)
+        picks = pool.close(last + 1)
+        if stream.duration is not None and stream.time_base is not None:
+            duration_s = float(stream.duration * stream.time_base)
+        else:
+            duration_s = (container.duration or 0) / av.time_base
+    scenes = [
+        Scene(i, FrameTimecode(start, rate).seconds, FrameTimecode(end, rate).seconds)
+        for i, (start, end, _) in enumerate(picks)
+    ]
+    # The last frame can end a little before the container's duration; the scenes must tile the video.
+    scenes[-1] = Scene(scenes[-1].index, scenes[-1].start_s, max(scenes[-1].end_s, duration_s))
+    keyframes = [
+        Keyframe(i, FrameTimecode(c.frame_no, rate).seconds, _to_image(c.frame, max_side), *c.score)
+        for i, (_, _, c) in enumerate(picks)
+    ]
+    return scenes, keyframes
 
 
 def make_thumbnail(image: Image.Image, *, max_side: int = 480, quality: int = 85) -> bytes:
@@ -229,33 +231,6 @@ def _kw(name: str, value: float | None) -> dict[str, float]:
     return {} if value is None else {name: value}
 
 
-def _frames_at(path: str | Path, times: list[float]) -> Iterator[av.VideoFrame]:
-    """The frame shown at each of the sorted ``times``, in one forward pass that seeks over long gaps."""
-    with _open_video(path) as (container, stream):
-        stream.thread_type = "AUTO"
-        half_frame = 0.5 / float(stream.average_rate or 25)
-        i = 0
-        last = None
-        while i < len(times):
-            container.seek(int(times[i] / stream.time_base), stream=stream, backward=True)
-            seeked_for = i
-            for frame in _decode(container, stream):
-                last = frame
-                while i < len(times) and times[i] <= frame.time + half_frame:
-                    yield frame
-                    i += 1
-                # Break to seek only after progress since the last seek, or a GOP longer than the
-                # gap would seek back to the same keyframe forever.
-                if i == len(times) or (i != seeked_for and times[i] - frame.time > _SEEK_GAP_S):
-                    break
-            else:
-                # Past the end (a scene end rounded up): the last frame is the closest one.
-                if last is None:
-                    raise _undecodable(path, "no frame decodes")
-                yield from [last] * (len(times) - i)
-                i = len(times)
-
-
 @contextmanager
 def _open_video(path: str | Path) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
     """The file's first video stream; any decoding failure inside becomes an InvalidVideoError."""
@@ -274,12 +249,33 @@ def _decode(container: av.container.InputContainer, stream: av.VideoStream) -> I
     return (frame for frame in container.decode(stream) if frame.time is not None)
 
 
-def _score(frame: av.VideoFrame) -> _Scored:
+def _score(frame_no: int, frame: av.VideoFrame) -> _Scored:
     height = max(1, round(frame.height * _SCORE_WIDTH / frame.width))
     grey = frame.reformat(width=_SCORE_WIDTH, height=height, format="gray").to_ndarray()
     brightness = float(grey.mean()) / 255
     usable = _MIN_BRIGHTNESS <= brightness <= _MAX_BRIGHTNESS and float(grey.std()) / 255 >= _MIN_CONTRAST
-    return _Scored(frame, float(cv2.Laplacian(grey, cv2.CV_64F).var()), brightness, usable)
+    return _Scored(frame_no, frame, float(cv2.Laplacian(grey, cv2.CV_64F).var()), brightness, usable)
+
+
+def _small_bgr(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
+    """The frame at ``size`` in BGR, as PySceneDetect's detectors take it.
+
+    Resizing the YUV planes and converting only the small image is ~4x cheaper than swscale or
+    SceneManager's own path (BGR at full size, then cv2.resize), and INTER_LINEAR is what SceneManager
+    resizes with, so the detector sees the same kind of image.
+    """
+    if frame.format.name != "yuv420p":
+        return frame.reformat(*size, format="bgr24").to_ndarray()
+    width, height = size
+    y, u, v = (np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in frame.planes)
+    i420 = np.concatenate(
+        [
+            cv2.resize(y, size, interpolation=cv2.INTER_LINEAR).ravel(),
+            cv2.resize(u, (width // 2, height // 2), interpolation=cv2.INTER_LINEAR).ravel(),
+            cv2.resize(v, (width // 2, height // 2), interpolation=cv2.INTER_LINEAR).ravel(),
+        ]
+    )
+    return cv2.cvtColor(i420.reshape(height * 3 // 2, width), cv2.COLOR_YUV2BGR_I420)
 
 
 def _to_image(frame: av.VideoFrame, max_side: int | None) -> Image.Image:
@@ -288,3 +284,57 @@ def _to_image(frame: av.VideoFrame, max_side: int | None) -> Image.Image:
         return frame.to_image()
     width, height = (max(2, round(frame.width * scale)), max(2, round(frame.height * scale)))
     return frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_image()
+
+
+class _CandidatePool:
+    """Keyframe candidates of the scene still open, gathered during the detection pass.
+
+    A scene's 25/50/75 % points are only known at its end (the next cut), so frames are kept until
+    then; only the few nearest those points are ever scored and converted.
+    """
+
+    def __init__(self, candidates: int, size: int, spacing: int) -> None:
+        self._fractions = [(k + 1) / (candidates + 1) for k in range(candidates)]
+        self._size = size
+        self._base_spacing = self._spacing = spacing
+        self._start = 0
+        self._frames: list[tuple[int, av.VideoFrame]] = []
+        self._picks: list[tuple[int, int, _Scored]] = []
+
+    def add(self, frame_no: int, frame: av.VideoFrame) -> None:
+        if self._frames and frame_no - self._frames[-1][0] < self._spacing:
+            return
+        self._frames.append((frame_no, frame))
+        if len(self._frames) > 2 * self._size:
+            # Every other frame, sampled half as often from now on: the rest stay evenly spread.
+            del self._frames[1::2]
+            self._spacing *= 2
+
+    def cut(self, frame_no: int) -> None:
+        """Close the open scene at ``frame_no`` (the first frame of the next) and pick its keyframe."""
+        if frame_no <= self._start:
+            return
+        inside = [f for f in self._frames if f[0] < frame_no]
+        # A cut is only reported once its frame was seen, so the frames after it belong to the next scene.
+        self._frames = [f for f in self._frames if f[0] >= frame_no]
+        self._picks.append((self._start, frame_no, self._pick(frame_no, inside or self._frames[:1])))
+        self._start, self._spacing = frame_no, self._base_spacing
+
+    def close(self, end: int) -> list[tuple[int, int, _Scored]]:
+        """Close the last scene at ``end`` (one past the last frame): (start, end, keyframe) per scene."""
+        self.cut(end)
+        return self._picks
+
+    def _pick(self, end: int, frames: list[tuple[int, av.VideoFrame]]) -> _Scored:
+        targets = [self._start + (end - self._start) * q for q in self._fractions]
+        # Nearest frame to each point (ties: the earlier); short scenes can give the same frame twice.
+        nearest = sorted({min(frames, key=lambda f: abs(f[0] - t)) for t in targets}, key=lambda f: f[0])
+        best: _Scored | None = None
+        for frame_no, frame in nearest:
+            scored = _score(frame_no, frame)
+            # Usable beats unusable, then sharper wins; strict ">" keeps the earliest of equals, so the
+            # choice is stable.
+            if best is None or (scored.usable, scored.sharpness) > (best.usable, best.sharpness):
+                best = scored
+        assert best is not None  # frames is never empty: every scene holds at least one analysed frame
+        return best

@@ -7,6 +7,7 @@ import io
 import wave
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -16,14 +17,17 @@ from heimdex_clip_assets.lib.sample_video import OPENING_FRACTION
 from heimdex_clip_assets.lib.scenes import (
     Scene,
     contact_sheet,
-    detect_scenes,
+    detect_scenes_and_keyframes,
     make_thumbnail,
-    pick_keyframes,
     probe_video,
 )
 from tests.fixtures.video import SAMPLE_CUTS, SAMPLE_VIDEO, MakeVideo
 
 FRAME_S = 1 / SAMPLE_VIDEO["fps"]
+
+
+def detect_scenes(video: Path, **kwargs: Any) -> list[Scene]:
+    return detect_scenes_and_keyframes(video, **kwargs)[0]
 
 
 def assert_tiles(scenes: list[Scene], duration_s: float) -> None:
@@ -71,8 +75,7 @@ def test_video_without_cuts_is_one_whole_scene(make_video: MakeVideo) -> None:
 
 
 def test_keyframes_avoid_dark_and_blurred_openings(sample_video: Path) -> None:
-    scenes = detect_scenes(sample_video)
-    keyframes = pick_keyframes(sample_video, scenes)
+    scenes, keyframes = detect_scenes_and_keyframes(sample_video, max_side=None)
     assert [k.index for k in keyframes] == [s.index for s in scenes]
     for scene, keyframe in zip(scenes, keyframes, strict=True):
         assert scene.start_s <= keyframe.time_s < scene.end_s
@@ -82,28 +85,33 @@ def test_keyframes_avoid_dark_and_blurred_openings(sample_video: Path) -> None:
             assert (keyframe.time_s - scene.start_s) / scene.duration_s > OPENING_FRACTION
 
 
-def test_keyframe_prefers_the_lit_frame_of_a_fade_in(sample_video: Path) -> None:
-    # Only the fade-in of scene 1: the earlier candidates are near-black, the last is almost lit.
-    start = SAMPLE_CUTS[0]
-    fade = Scene(0, start, start + OPENING_FRACTION * SAMPLE_VIDEO["scene_seconds"])
-    (keyframe,) = pick_keyframes(sample_video, [fade])
-    assert keyframe.time_s > start + 0.7 * fade.duration_s
-    assert keyframe.brightness > 0.2
+def test_keyframe_of_a_long_scene_stays_near_its_candidate_points(make_video: MakeVideo) -> None:
+    # 150 analysed frames: the candidate pool thins itself several times, yet one candidate (50 %)
+    # still lands within 1/32 of the scene (the pool's spacing) of the middle.
+    video = make_video(scenes=1, scene_seconds=12.0, size=(320, 180))
+    (scene,), (keyframe,) = detect_scenes_and_keyframes(video, candidates=1)
+    assert keyframe.time_s == pytest.approx(scene.duration_s / 2, abs=scene.duration_s / 32)
+    assert keyframe.image.size == (320, 180)  # never upscaled to max_side
 
 
 def test_keyframes_can_be_scaled_while_decoding(sample_video: Path) -> None:
-    keyframes = pick_keyframes(sample_video, [Scene(0, 0.0, 1.0)], max_side=320)
-    assert keyframes[0].image.size == (320, 180)
+    _, keyframes = detect_scenes_and_keyframes(sample_video, max_side=320)
+    assert {k.image.size for k in keyframes} == {(320, 180)}
+
+
+def test_at_least_one_candidate_is_required(sample_video: Path) -> None:
+    with pytest.raises(ValueError, match="candidates must be at least 1"):
+        detect_scenes_and_keyframes(sample_video, candidates=0)
 
 
 def test_thumbnails_are_small_deterministic_jpegs(make_video: MakeVideo) -> None:
     video = make_video(scenes=2, scene_seconds=0.6, size=(1280, 720))
 
     def digests() -> list[str]:
-        keyframes = pick_keyframes(video, detect_scenes(video))
+        _, keyframes = detect_scenes_and_keyframes(video)
         return [hashlib.sha256(make_thumbnail(k.image)).hexdigest() for k in keyframes]
 
-    keyframe = pick_keyframes(video, [Scene(0, 0.0, 0.6)])[0]
+    keyframe = detect_scenes_and_keyframes(video)[1][0]
     thumb = Image.open(io.BytesIO(make_thumbnail(keyframe.image)))
     assert (thumb.format, thumb.size) == ("JPEG", (480, 270))
     assert digests() == digests()
@@ -133,7 +141,7 @@ def audio_only(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("bad", ["corrupt_video", "empty_video", "audio_only"])
-@pytest.mark.parametrize("call", [probe_video, detect_scenes, lambda p: pick_keyframes(p, [Scene(0, 0, 1)])])
+@pytest.mark.parametrize("call", [probe_video, detect_scenes_and_keyframes])
 def test_non_videos_raise_a_clear_invalid_video_error(
     bad: str, call: object, request: pytest.FixtureRequest
 ) -> None:
