@@ -32,7 +32,7 @@ from heimdex_clip_assets.lib import services
 from heimdex_clip_assets.lib.config import Settings
 
 TARGET_X = 15.0
-KEYFRAME_STAGES = ("download", "detect", "keyframes", "thumbnails", "upload", "db")
+KEYFRAME_STAGES = ("download", "detect", "thumbnails", "upload", "db")
 
 
 def batch_costs(settings: Settings, video_id: str) -> list[tuple[int, float]]:

@@ -146,10 +146,8 @@ def extract_keyframes(
                 min_scene_len_s=params.min_scene_len_s,
                 max_side=params.thumbnail_max_side,
             )
+            # One decode pass both finds the cuts and chooses each scene's keyframe.
             timings["detect"] = time.perf_counter() - t0
-            # Keyframes are chosen inside the detection pass (one decode, not two); the stage stays so
-            # readers of these timings (benches, run metadata) keep their keys.
-            timings["keyframes"] = 0.0
         except InvalidVideoError as exc:
             store.set_video_status(video_id, "failed", exc.message)
             raise
