@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 
@@ -27,6 +28,30 @@ def test_decode_matches_open_clip_preprocess(worker_encoder: ClipEncoder) -> Non
     png = buf.getvalue()
     expected = worker_encoder.preprocess(Image.open(io.BytesIO(png)).convert("RGB"))
     assert torch.equal(worker_encoder.decode(png), expected)
+
+
+@pytest.mark.parametrize("size", [(480, 270), (270, 480), (224, 224), (100, 50), (1280, 720), (333, 211)])
+def test_cpu_preprocessing_is_open_clips_exactly(worker_encoder: ClipEncoder, size: tuple[int, int]) -> None:
+    # The CPU path resizes, crops and normalises in PIL + numpy instead of open_clip's torch transform:
+    # thumbnails (draft is a no-op at 480x270), portrait, exact size, upscaled, and drafted frames.
+    data = jpeg(*size)
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (224, 224))
+    expected = worker_encoder.preprocess(image.convert("RGB"))
+    assert torch.equal(worker_encoder.decode(data), expected)
+    # Models preprocessed otherwise (no shortest-side resize) go through open_clip's transform itself.
+    assert torch.equal(dataclasses.replace(worker_encoder, resample=None).decode(data), expected)
+
+
+def test_encode_bytes_is_encode_tensors_on_decoded_images(worker_encoder: ClipEncoder) -> None:
+    images = [jpeg(480, 270), b"junk", jpeg(640, 360)]
+    out = worker_encoder.encode_bytes(images)
+    # The batch array encode_bytes fills row by row is what decode + stack would give the model.
+    expected = worker_encoder.encode_tensors(torch.stack([worker_encoder.decode(images[i]) for i in (0, 2)]))
+    assert isinstance(out[1], InvalidImageError)
+    assert np.array_equal(out[0], expected[0]) and np.array_equal(out[2], expected[1])
+    # No decodable image: errors only, and no forward pass on an empty batch.
+    assert isinstance(worker_encoder.encode_bytes([b"junk"])[0], InvalidImageError)
 
 
 def test_jpeg_draft_stays_close(worker_encoder: ClipEncoder) -> None:
