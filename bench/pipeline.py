@@ -131,7 +131,8 @@ def main() -> None:
     detect_x = duration / t["detect"]
     verdict = "ok" if detect_x >= DETECT_TARGET_X else "MISSED"
     print(
-        f"scene detection + keyframe choice: {detect_x:.1f}x realtime (target >= {DETECT_TARGET_X:g}x: {verdict})"
+        f"scene detection + keyframe choice: {detect_x:.1f}x realtime "
+        f"(target >= {DETECT_TARGET_X:g}x: {verdict})"
     )
     stage_rate = n / embed.wall_s
     raw = (raw_before + raw_after) / 2
