@@ -7,6 +7,7 @@ on a few CPU cores would otherwise cap a GPU worker far below what the model can
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
@@ -34,8 +35,9 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 # batches gain nothing and only hold memory.
 _CUDA_BATCH = 512
 _CPU_BATCH = 32
-# Images resized per call on the GPU: float copies of 128 full-HD frames are ~3 GB, bounded on any card.
-_RESIZE_CHUNK = 128
+# Pixels resized per call on the GPU: the float copy of 128 720p frames is ~1.4 GB, bounded on any card,
+# while a whole 512-batch of ~480x270 thumbnails fits in one call (one launch per kernel, not four).
+_RESIZE_PIXELS = 128 * 1280 * 720
 # Frame headers nvJPEG decodes: baseline, extended and progressive Huffman. Lossless and arithmetic
 # coded JPEGs (rare) take the CPU path, which decodes them or gives them their own error.
 _NVJPEG_SOF = frozenset((0xC0, 0xC1, 0xC2))
@@ -281,9 +283,10 @@ class ClipEncoder:
                 groups: dict[tuple[int, int], list[int]] = defaultdict(list)
                 for k, img in enumerate(decoded):
                     groups[(img.shape[1], img.shape[2])].append(k)
-                for members in groups.values():
-                    for start in range(0, len(members), _RESIZE_CHUNK):
-                        chunk = members[start : start + _RESIZE_CHUNK]
+                for (height, width), members in groups.items():
+                    step = max(1, _RESIZE_PIXELS // (height * width))
+                    for start in range(0, len(members), step):
+                        chunk = members[start : start + step]
                         batch = self._resize_crop(torch.stack([decoded[k] for k in chunk]))
                         for k, tensor in zip(chunk, batch, strict=True):
                             out[jpeg_idx[k]] = tensor
@@ -299,9 +302,17 @@ class ClipEncoder:
         # Antialiased bicubic on the shorter side matches PIL's resize (what open_clip uses on CPU).
         resized = TF.resize(batch.float(), [size], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         cropped = TF.center_crop(resized, [size, size]).clamp_(0, 255).div_(255)
-        mean = torch.tensor(self.mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=batch.device).view(1, 3, 1, 1)
+        mean, std = self._norm_tensors
         return cropped.sub_(mean).div_(std).to(self.dtype)
+
+    @functools.cached_property
+    def _norm_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean/std on the device, made once: building them per call is a blocking host->device copy."""
+        shape = (1, 3, 1, 1)
+        return (
+            torch.tensor(self.mean, device=self.device).view(shape),
+            torch.tensor(self.std, device=self.device).view(shape),
+        )
 
     # ------------------------------------------------------------------------------------ encoding
     def encode_tensors(self, batch: torch.Tensor, *, normalize: bool = True) -> np.ndarray:

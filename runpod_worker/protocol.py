@@ -42,6 +42,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -162,13 +163,17 @@ def parse_remote_error(error: Any) -> ClipError:
 
 
 # -------------------------------------------------------------------------------------------- signing
+# Space and control characters; one C-level scan (a per-character Python loop cost ~10 ms per 512 URLs).
+_UNSAFE_URL_CHARS = re.compile(r"[\x00-\x20\x7f]")
+
+
 def validate_url_text(url: str) -> str:
     """Refuse URLs that would make a signing message ambiguous (control characters, ``|`` is fine)."""
     if not isinstance(url, str) or not url:
         raise InvalidRequestError("image_url must be a non-empty string")
     if len(url) > MAX_URL_LENGTH:
         raise InvalidRequestError(f"image_url is longer than {MAX_URL_LENGTH} characters")
-    if any(ord(ch) < 0x21 or ord(ch) == 0x7F for ch in url):
+    if _UNSAFE_URL_CHARS.search(url):
         raise InvalidRequestError("image_url contains whitespace or control characters")
     return url
 
