@@ -137,6 +137,7 @@ def cmd_add_video(args: argparse.Namespace) -> int:
 
 def cmd_process_video(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    services.preload_encoder(settings)
     materialize_video(args.video_id, settings)
     _print_scenes(settings, args.video_id)
     return 0
@@ -146,6 +147,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .lib.sample_video import generate_sample_video
 
     settings = _settings(args)
+    services.preload_encoder(settings)
     if args.video:
         video = Path(args.video)
     else:
@@ -365,5 +367,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> None:
+    """The console entry point: ``main``, then exit without the interpreter's teardown.
+
+    Tearing down torch and open_clip takes 1-2 s after the work is done; by then every write to
+    Postgres, storage and Dagster's event log is committed, so only our own output needs flushing.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

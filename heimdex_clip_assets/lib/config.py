@@ -9,6 +9,8 @@ A bad value is a :class:`ConfigError` naming the variable and what it accepts.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,8 +71,17 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0
 
 @functools.cache
 def model_dim(model_name: str) -> int:
-    """The embedding width of an open_clip architecture, read from its config (no weights loaded)."""
-    import open_clip  # deferred: importing torch costs a second, and most settings users never need it
+    """The embedding width of an open_clip architecture, read from its config (no weights loaded).
+
+    The bundled JSON is read directly: importing open_clip imports torch (~3 s), which every command
+    would pay just to size the vector column.
+    """
+    spec = importlib.util.find_spec("open_clip")  # locates the package without importing it
+    for folder in (spec and spec.submodule_search_locations) or ():
+        config_file = Path(folder) / "model_configs" / f"{model_name}.json"
+        if config_file.is_file():
+            return int(json.loads(config_file.read_text())["embed_dim"])
+    import open_clip  # names without a bundled file (e.g. hf-hub:...) need open_clip's own lookup
 
     config = open_clip.get_model_config(model_name)
     if config is None:

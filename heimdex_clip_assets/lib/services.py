@@ -7,8 +7,8 @@ once per process, the embedded servers are found once, and migrations run once.
 from __future__ import annotations
 
 import functools
-
-from runpod_worker.encoder import ClipEncoder
+import threading
+from typing import TYPE_CHECKING
 
 from .clip_backends import ClipBackend, make_backend, settings_encoder
 from .config import Settings
@@ -16,6 +16,9 @@ from .db import VectorStore, resolve_database_url
 from .embedded import embedded_postgres
 from .storage import Storage, open_storage
 from .storage_server import stop_storage_server
+
+if TYPE_CHECKING:  # importing the encoder imports torch (~4 s): only what embeds should pay for it
+    from runpod_worker.encoder import ClipEncoder
 
 
 @functools.cache
@@ -38,6 +41,13 @@ def clip_backend(settings: Settings, storage: Storage) -> ClipBackend:
 def text_image_encoder(settings: Settings) -> ClipEncoder:
     """The in-process encoder (search's text tower, the local backend): one per process."""
     return settings_encoder(settings)
+
+
+def preload_encoder(settings: Settings) -> None:
+    """Import torch and load the local backend's model in the background, overlapping the seconds it
+    takes with scene detection; the embedding step then finds it loaded (or waits on the same lock)."""
+    if settings.clip_backend == "local":
+        threading.Thread(target=settings_encoder, args=(settings,), name="clip-preload", daemon=True).start()
 
 
 def stop_embedded(settings: Settings) -> None:
