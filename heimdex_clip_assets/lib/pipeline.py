@@ -267,10 +267,10 @@ def embed_scenes(
     """Embed the given scenes of ONE video and store the vectors in one transaction.
 
     The sha256 cache (unless ``use_cache`` is off) answers scenes whose thumbnail was embedded before by
-    the same model version. Each stored metadata records ``embedded_at``. A
-    scene whose embedding fails with a retryable error gets another attempt (with a fresh URL); what
-    still fails is in ``report.failures`` and stays without an embedding, so a rerun does exactly
-    those. Successful vectors are written even when others fail.
+    the same model version. A scene whose embedding fails with a retryable error gets another attempt
+    (with a fresh URL); what still fails is in ``report.failures`` and stays without an embedding, so a
+    rerun does exactly those. Successful vectors are written even when others fail, each with an
+    ``embedded_at`` in its metadata (what a resumed forced backfill reads).
     """
     logger = logger or log
     started = time.perf_counter()
