@@ -137,7 +137,6 @@ def cmd_add_video(args: argparse.Namespace) -> int:
 
 def cmd_process_video(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    services.preload_encoder(settings)
     materialize_video(args.video_id, settings)
     _print_scenes(settings, args.video_id)
     return 0
@@ -147,7 +146,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .lib.sample_video import generate_sample_video
 
     settings = _settings(args)
-    services.preload_encoder(settings)
     if args.video:
         video = Path(args.video)
     else:

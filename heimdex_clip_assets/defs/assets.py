@@ -35,7 +35,11 @@ def scene_keyframes(
     config: SceneDetectionConfig,
     db: VectorStoreResource,
     storage: StorageResource,
+    clip: ClipInferenceResource,
 ) -> dg.MaterializeResult:
+    # Decoding mostly releases the GIL, so importing torch and loading the model (~4 s of CPU) overlaps
+    # with it; the embedding step then finds the model ready in this process.
+    clip.preload()
     report = pipeline.extract_keyframes(
         context.partition_key,
         store=db.get(),

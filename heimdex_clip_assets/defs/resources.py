@@ -69,3 +69,7 @@ class ClipInferenceResource(dg.ConfigurableResource):
 
     def get(self, storage: Storage) -> ClipBackend:
         return services.clip_backend(self.settings(), storage)
+
+    def preload(self) -> None:
+        """Start loading the in-process model (local backend) without waiting for it."""
+        services.preload_encoder(self.settings())

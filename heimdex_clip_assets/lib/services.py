@@ -44,8 +44,8 @@ def text_image_encoder(settings: Settings) -> ClipEncoder:
 
 
 def preload_encoder(settings: Settings) -> None:
-    """Import torch and load the local backend's model in the background, overlapping the seconds it
-    takes with scene detection; the embedding step then finds it loaded (or waits on the same lock)."""
+    """Import torch and load the local backend's model in a background thread; whoever needs it next
+    finds it loaded, or waits on the same lock."""
     if settings.clip_backend == "local":
         threading.Thread(target=settings_encoder, args=(settings,), name="clip-preload", daemon=True).start()
 
