@@ -105,7 +105,12 @@ def _ms(start: float) -> float:
 
 
 def http_fetcher(config: WorkerConfig) -> Fetcher:
-    """Concurrent, SSRF-checked downloads over one connection pool per job."""
+    """Concurrent, SSRF-checked downloads over one connection pool per job.
+
+    A client per job rather than per process: the bench and the local API's tests run each job under
+    a fresh ``asyncio.run``, and a pool's connections belong to the loop that opened them. Building
+    one is ~0.1 ms because :func:`make_client` reuses a single TLS context.
+    """
     policy = FetchPolicy.from_config(config)
     limit = asyncio.Semaphore(config.download_concurrency)
 

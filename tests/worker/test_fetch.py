@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import pytest
 
@@ -152,3 +153,18 @@ def test_connection_refused_is_retryable() -> None:
         port = sock.getsockname()[1]
     err = refused(f"http://127.0.0.1:{port}/a.jpg")
     assert isinstance(err, ImageDownloadError) and err.retryable
+
+
+def test_clients_share_one_verifying_tls_context() -> None:
+    # Loading the CA bundle per client cost ~20 ms on the event loop per job; the shared context must
+    # still require a certificate that matches the SNI name (the connection itself is pinned to an IP).
+    async def contexts() -> list[ssl.SSLContext]:
+        found = []
+        for _ in range(2):
+            async with make_client(LOOPBACK_OK) as client:
+                found.append(client._transport._pool._ssl_context)  # type: ignore[attr-defined]
+        return found
+
+    first, second = asyncio.run(contexts())
+    assert first is second
+    assert first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
