@@ -10,16 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runpod_worker.protocol import DEFAULT_AUTH_WINDOW_S, ClipError, derive_model_version
+from runpod_worker.protocol import DEFAULT_AUTH_WINDOW_S, ConfigError, derive_model_version
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 PRECISIONS = ("fp32", "fp16", "bf16")
 DEVICES = ("cpu", "cuda")
-
-
-class ConfigError(ClipError):
-    code = "config_error"
 
 
 def _str(env: Mapping[str, str], name: str, default: str) -> str:

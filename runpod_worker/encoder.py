@@ -25,7 +25,13 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from runpod_worker.protocol import ClipError, InternalError, InvalidImageError, derive_model_version
+from runpod_worker.protocol import (
+    ClipError,
+    ConfigError,
+    InternalError,
+    InvalidImageError,
+    derive_model_version,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +125,12 @@ class ClipEncoder:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         precision = precision or ("fp16" if dev.type == "cuda" else "fp32")
         if precision not in _DTYPES:
-            raise InternalError(f"CLIP_PRECISION must be one of {', '.join(_DTYPES)}", retryable=False)
+            raise ConfigError(f"CLIP_PRECISION must be one of {', '.join(_DTYPES)}")
         if dev.type == "cpu" and precision == "fp16":
-            raise InternalError(
-                "fp16 is for CUDA only; use CLIP_PRECISION=bf16 or fp32 on CPU", retryable=False
-            )
+            raise ConfigError("fp16 is for CUDA only; use CLIP_PRECISION=bf16 or fp32 on CPU")
         weights: str | None = None if pretrained.lower() == "none" else pretrained
         if weights and _is_path(weights) and not os.path.isfile(weights):
-            raise InternalError(f"CLIP_PRETRAINED file not found: {weights}", retryable=False)
+            raise ConfigError(f"CLIP_PRETRAINED file not found: {weights}")
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
                 model_name,
@@ -139,11 +143,12 @@ class ClipEncoder:
                 force_quick_gelu=weights == "openai",
             )
         except Exception as exc:
-            raise InternalError(
+            # Unknown model name, unreachable or corrupt weights: all fixed by changing the settings
+            # the message names, so a configuration error rather than a retryable internal one.
+            raise ConfigError(
                 f"Could not load CLIP model {model_name!r} with weights {pretrained!r}: {exc}. Without "
                 "network access set CLIP_PRETRAINED=<path to a .safetensors file> (or bake the weights "
-                "into the image), or CLIP_PRETRAINED=none for random weights in tests",
-                retryable=False,
+                "into the image), or CLIP_PRETRAINED=none for random weights in tests"
             ) from exc
         model.eval()
         cfg = model.visual.preprocess_cfg

@@ -113,6 +113,16 @@ class InternalError(ClipError):
     retryable = True
 
 
+class ConfigError(ClipError):
+    """A setting is missing or invalid; the message names the variable and a valid value.
+
+    Defined here, not per package, so the worker and the pipeline raise (and catch) one class for the
+    one code. Not retryable: the same settings fail the same way until someone changes them.
+    """
+
+    code = "config_error"
+
+
 ERRORS_BY_CODE: dict[str, type[ClipError]] = {
     cls.code: cls
     for cls in (
@@ -123,6 +133,7 @@ ERRORS_BY_CODE: dict[str, type[ClipError]] = {
         InvalidImageError,
         ModelMismatchError,
         InternalError,
+        ConfigError,
     )
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from runpod_worker.protocol import (
     AuthError,
     ClipError,
+    ConfigError,
     ImageDownloadError,
     ImageTooLargeError,
     InternalError,
@@ -35,12 +36,6 @@ __all__ = [
     "StorageError",
     "TimeoutError",
 ]
-
-
-class ConfigError(ClipError):
-    """A setting is missing or invalid; the message names the variable and a valid value."""
-
-    code = "config_error"
 
 
 class NetworkError(ClipError):

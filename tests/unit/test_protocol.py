@@ -100,3 +100,13 @@ def test_encode_embedding_ndarray_matches_sequence() -> None:
         protocol.decode_embedding(protocol.encode_embedding(row.astype(np.float64), "base64"), 512)
         == row.tolist()
     )
+
+
+def test_config_error_is_one_class_with_a_wire_code() -> None:
+    from heimdex_clip_assets.lib import errors
+    from runpod_worker import config
+
+    # One class for "config_error": the pipeline's except clauses also catch the worker's errors.
+    assert errors.ConfigError is config.ConfigError is protocol.ConfigError
+    rebuilt = protocol.error_from_dict(protocol.ConfigError("CLIP_PRECISION bad").to_dict())
+    assert type(rebuilt) is protocol.ConfigError and not rebuilt.retryable

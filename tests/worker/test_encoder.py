@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from runpod_worker.encoder import ClipEncoder, _jpeg_frame
-from runpod_worker.protocol import InternalError, InvalidImageError
+from runpod_worker.protocol import ConfigError, InvalidImageError
 from tests.worker.conftest import jpeg
 
 
@@ -90,10 +90,20 @@ def test_encode_text(worker_encoder: ClipEncoder) -> None:
 
 
 def test_missing_weights_say_what_to_set(tmp_path: Path) -> None:
-    with pytest.raises(InternalError, match="not found"):
+    with pytest.raises(ConfigError, match="not found"):
         ClipEncoder.load(pretrained=str(tmp_path / "nope.safetensors"), device="cpu")
-    with pytest.raises(InternalError, match="CLIP_PRETRAINED=<path"):
+    with pytest.raises(ConfigError, match="CLIP_PRETRAINED=<path"):
         ClipEncoder.load("ViT-B-32", "laion2b_s34b_b79k", device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("precision", "match"), [("fp8", "CLIP_PRECISION must be one of"), ("fp16", "fp16 is for CUDA only")]
+)
+def test_bad_precision_is_a_config_error(precision: str, match: str) -> None:
+    # Checked before any weights load, so no network or checkpoint is needed.
+    with pytest.raises(ConfigError, match=match) as info:
+        ClipEncoder.load(pretrained="none", device="cpu", precision=precision)
+    assert info.value.code == "config_error" and not info.value.retryable
 
 
 @pytest.mark.parametrize(
