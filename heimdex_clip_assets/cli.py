@@ -43,11 +43,7 @@ ORDER BY index;"""
 
 # ------------------------------------------------------------------------------------------ helpers
 def _settings(args: argparse.Namespace) -> Settings:
-    settings = Settings.from_env()
-    backend = getattr(args, "backend", None)
-    if backend:
-        settings = Settings.from_env({**os.environ, "CLIP_INFERENCE_BACKEND": backend})
-    return settings
+    return Settings.from_env(backend=getattr(args, "backend", None))
 
 
 def dagster_env(settings: Settings) -> dict[str, str]:
@@ -72,19 +68,24 @@ def materialize_video(video_id: str, settings: Settings) -> None:
     import dagster as dg
 
     from .definitions import defs
+    from .defs.partitions import videos_partitions
 
     store = services.vector_store(settings)
     if store.get_video(video_id) is None:
         raise NotFoundError(f"Unknown video id {video_id}; add it first with `heimdex-clip add-video FILE`")
     os.environ.update(dagster_env(settings))
     instance = dg.DagsterInstance.get()
-    instance.add_dynamic_partitions("videos", [video_id])
+    instance.add_dynamic_partitions(videos_partitions.name, [video_id])
     result = defs.resolve_job_def("ingest_video").execute_in_process(
         partition_key=video_id,
         instance=instance,
         raise_on_error=False,
-        # Our per-scene lines are INFO; Dagster's own step events are DEBUG and would drown them.
-        run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+        run_config={
+            # The command's backend (a --backend flag included) for the assets and the checks alike.
+            "resources": {"clip": {"config": {"backend": settings.clip_backend}}},
+            # Our per-scene lines are INFO; Dagster's own step events are DEBUG and would drown them.
+            "loggers": {"console": {"config": {"log_level": "INFO"}}},
+        },
     )
     if not result.success:
         raise ClipError(_run_failure_message(result))
@@ -267,7 +268,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         str(args.port),
     ]
     console.print(f"Dagster UI on http://{args.host}:{args.port}  (Ctrl-C stops it)")
-    # Its own process group, so Ctrl-C reaches the webserver, the daemon and their code servers.
+    # Its own process group: the terminal's Ctrl-C reaches only us, and we pass it on to the whole group
+    # (webserver, daemon, code servers) so nothing is left running, then wait for a clean shutdown.
     proc = subprocess.Popen(command, env=env, cwd=REPO_ROOT, start_new_session=True)
     try:
         return proc.wait()

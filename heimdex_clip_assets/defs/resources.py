@@ -8,7 +8,6 @@ process by ``lib.services`` and shared by every step and run in it.
 """
 
 import dataclasses
-import os
 
 import dagster as dg
 from pydantic import Field
@@ -62,10 +61,7 @@ class ClipInferenceResource(dg.ConfigurableResource):
     backend: str | None = Field(default=None, description="Overrides CLIP_INFERENCE_BACKEND for this run.")
 
     def settings(self) -> Settings:
-        # Through from_env, so an override gets the same validation as the variable would.
-        return Settings.from_env(
-            {**os.environ, "CLIP_INFERENCE_BACKEND": self.backend} if self.backend else None
-        )
+        return Settings.from_env(backend=self.backend)
 
     def get(self, storage: Storage) -> ClipBackend:
         return services.clip_backend(self.settings(), storage)

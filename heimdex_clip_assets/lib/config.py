@@ -114,6 +114,7 @@ class Settings:
     runpod_max_retries: int
     hmac_secret: str | None
     inbox_dir: Path
+    inbox_settle_s: float
     sensor_max_runs: int
     backfill_cron: str
     backfill_max_runs: int
@@ -131,8 +132,12 @@ class Settings:
         return self.supabase_url is None
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, *, backend: str | None = None) -> Settings:
+        """Read and validate the settings; ``backend`` overrides ``CLIP_INFERENCE_BACKEND`` (a CLI flag,
+        a run's config) and goes through the same validation."""
         env = os.environ if env is None else env
+        if backend:
+            env = {**env, "CLIP_INFERENCE_BACKEND": backend}
         home = Path(_get(env, "HEIMDEX_HOME") or ".heimdex").expanduser().resolve()
 
         backend = (_get(env, "CLIP_INFERENCE_BACKEND") or "local").lower()
@@ -174,12 +179,13 @@ class Settings:
             runpod_max_retries=env_int(env, "RUNPOD_MAX_RETRIES", 3),
             hmac_secret=_get(env, "EMBEDDING_HMAC_SECRET"),
             inbox_dir=Path(_get(env, "HEIMDEX_INBOX_DIR") or home / "inbox").expanduser().resolve(),
+            inbox_settle_s=env_number(env, "HEIMDEX_INBOX_SETTLE_S", 10.0),
             sensor_max_runs=env_int(env, "HEIMDEX_SENSOR_MAX_RUNS", 50, minimum=1),
             backfill_cron=_get(env, "HEIMDEX_BACKFILL_CRON") or "0 * * * *",
             backfill_max_runs=env_int(env, "HEIMDEX_BACKFILL_MAX_RUNS", 10, minimum=1),
         )
-        if settings.clip_backend == "runpod":
-            settings.require_runpod()
+        # RunPod's credentials are checked where a RunPod client is made, not here: reading the database
+        # or storage (a sensor tick, `search`) must not fail on settings it does not use.
         return settings
 
     @property

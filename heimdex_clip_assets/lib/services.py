@@ -6,6 +6,7 @@ once per process, the embedded servers are found once, and migrations run once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from .clip_backends import ClipBackend, make_backend, settings_encoder
 from .config import Settings
 from .db import VectorStore, resolve_database_url
 from .embedded import embedded_postgres
+from .errors import ClipError
 from .storage import Storage, open_storage
 from .storage_server import stop_storage_server
 
@@ -46,8 +48,15 @@ def text_image_encoder(settings: Settings) -> ClipEncoder:
 def preload_encoder(settings: Settings) -> None:
     """Import torch and load the local backend's model in a background thread; whoever needs it next
     finds it loaded, or waits on the same lock."""
-    if settings.clip_backend == "local":
-        threading.Thread(target=settings_encoder, args=(settings,), name="clip-preload", daemon=True).start()
+    if settings.clip_backend != "local":
+        return
+
+    def load() -> None:
+        # A failure here is raised again, as a one-line error, by the step that needs the model.
+        with contextlib.suppress(ClipError):
+            settings_encoder(settings)
+
+    threading.Thread(target=load, name="clip-preload", daemon=True).start()
 
 
 def stop_embedded(settings: Settings) -> None:

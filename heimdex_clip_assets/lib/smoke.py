@@ -64,6 +64,8 @@ def run_smoke(settings: Settings) -> list[Check]:
         )
     except ClipError as exc:
         return [Check(False, f"Signed URL generation failed: {exc.message}")]
+    except httpx.HTTPError as exc:
+        return [Check(False, f"Signed URL generation failed: cannot fetch it ({type(exc).__name__})")]
 
     if settings.clip_backend == "local":
         started = time.perf_counter()

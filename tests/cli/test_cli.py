@@ -70,7 +70,16 @@ def test_demo_prints_the_step7_table(demo: subprocess.CompletedProcess[str]) -> 
 def test_add_video_then_process_video(cli_env: dict[str, str], make_video) -> None:
     added = cli(cli_env, "add-video", str(make_video(scenes=2, scene_seconds=1.5)))
     (video_id,) = set(UUID.findall(added.stdout))
-    processed = cli(cli_env, "process-video", "--video-id", video_id)
+    # --backend wins over the environment, even one whose RunPod settings are incomplete.
+    processed = cli(
+        cli_env,
+        "process-video",
+        "--video-id",
+        video_id,
+        "--backend",
+        "local",
+        CLIP_INFERENCE_BACKEND="runpod",
+    )
     assert len(re.findall(r"│ \d+\s+│ [\d.]+-[\d.]+s\s+│ true", processed.stdout)) == 2
 
 
