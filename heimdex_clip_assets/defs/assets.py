@@ -13,10 +13,12 @@ GROUP = "video_scenes"
 
 
 class SceneDetectionConfig(dg.Config):
-    detector: str = "content"
-    threshold: float | None = None
-    min_scene_len_s: float = 0.5
-    thumbnail_max_side: int = 480
+    """Launchpad overrides of ``lib.pipeline.SceneParams``; defaults are taken from it."""
+
+    detector: str = SceneParams.detector
+    threshold: float | None = SceneParams.threshold
+    min_scene_len_s: float = SceneParams.min_scene_len_s
+    thumbnail_max_side: int = SceneParams.thumbnail_max_side
 
 
 def _jpeg_markdown(jpeg: bytes) -> dg.MetadataValue:

@@ -21,7 +21,9 @@ def new_videos_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     settings = Settings.from_env()
     store = db.get()
-    registered = pipeline.scan_inbox(settings.inbox_dir, store=store, storage=storage.get())
+    registered = pipeline.scan_inbox(
+        settings.inbox_dir, store=store, storage=storage.get(), settle_s=settings.inbox_settle_s
+    )
     if registered:
         context.log.info(f"Registered {len(registered)} video(s) from {settings.inbox_dir}")
 

@@ -4,9 +4,9 @@ The local backend runs the worker's own :class:`~runpod_worker.encoder.ClipEncod
 produce the same vector for the same image and checkpoint; ``model_version`` says which model made a
 vector, and the vector store keeps versions apart.
 
-Text queries (search) are always encoded in-process, with the local encoder's text tower, whatever the
-backend: the worker only embeds images, and a query is one short string that a CPU encodes in
-milliseconds. With the runpod backend that encoder loads on the first query, not at startup.
+Text queries (``heimdex-clip search``) are always encoded in-process with the same encoder's text tower
+(``services.text_image_encoder``), whatever the backend: the worker only embeds images, and a query is
+one short string that a CPU encodes in milliseconds.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -94,10 +94,6 @@ class ClipBackend(ABC):
         """One result per image, in order. Raises only for errors that no other image can escape
         (bad credentials, wrong model); per-image and per-batch failures come back in their slots."""
 
-    @abstractmethod
-    def encode_text(self, query: str) -> np.ndarray:
-        """A unit-length float32 query vector comparable with this backend's image vectors."""
-
     def _result(self, vector: np.ndarray, **timings: float | int) -> EmbeddingResult:
         # The vector store ranks by cosine on unit vectors; a remote worker is outside our control, so
         # the invariant is enforced here, where every backend's vectors pass.
@@ -125,7 +121,6 @@ class RunPodBackend(ClipBackend):
         *,
         pretrained: str,
         batch_size: int = 32,
-        text_encoder: Callable[[], ClipEncoder],
     ) -> None:
         if client.model_name is None or client.model_version is None or client.dim is None:
             raise ConfigError(
@@ -139,7 +134,6 @@ class RunPodBackend(ClipBackend):
         )
         self.client = client
         self.batch_size = batch_size
-        self._text_encoder = text_encoder
 
     def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
         out: list[EmbeddingResult | ClipError] = []
@@ -181,9 +175,6 @@ class RunPodBackend(ClipBackend):
                 )
             )
         return slots
-
-    def encode_text(self, query: str) -> np.ndarray:
-        return _unit(self._text_encoder().encode_text([query])[0])
 
 
 class LocalBackend(ClipBackend):
@@ -258,9 +249,6 @@ class LocalBackend(ClipBackend):
             data = err
         return data, (time.perf_counter() - started) * 1000
 
-    def encode_text(self, query: str) -> np.ndarray:
-        return _unit(self.encoder.encode_text([query])[0])
-
 
 class OffBackend(ClipBackend):
     """CLIP disabled (``CLIP_INFERENCE_BACKEND=off`` or ``CLIP_ENABLED=false``): callers check ``enabled``
@@ -270,9 +258,6 @@ class OffBackend(ClipBackend):
     enabled = False
 
     def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
-        raise self._disabled()
-
-    def encode_text(self, query: str) -> np.ndarray:
         raise self._disabled()
 
     @staticmethod
@@ -297,7 +282,6 @@ def make_backend(settings: Settings, storage: Storage | None) -> ClipBackend:
             RunPodClient.from_settings(settings),
             pretrained=settings.clip_pretrained,
             batch_size=settings.clip_batch_size,
-            text_encoder=lambda: settings_encoder(settings),
         )
     return LocalBackend(
         settings_encoder(settings),

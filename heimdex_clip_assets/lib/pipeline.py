@@ -80,16 +80,21 @@ def register_video(path: Path, *, store: VectorStore, storage: Storage) -> str:
     return video_id
 
 
-def scan_inbox(inbox: Path, *, store: VectorStore, storage: Storage) -> list[str]:
+def scan_inbox(inbox: Path, *, store: VectorStore, storage: Storage, settle_s: float = 10.0) -> list[str]:
     """Register every video file dropped in ``inbox`` and move it to ``inbox/registered``.
 
     Files that are not videos move to ``inbox/rejected`` with a ``.error.txt`` beside them, so one
-    bad file never blocks the inbox or gets retried on every tick.
+    bad file never blocks the inbox or gets retried on every tick. A file modified in the last
+    ``settle_s`` seconds, or hidden (``.name``, as rsync and many uploaders write), may still be being
+    copied: it waits for a later tick rather than being registered truncated.
     """
     inbox.mkdir(parents=True, exist_ok=True)
     ids = []
+    now = time.time()
     for path in sorted(inbox.iterdir()):
-        if not path.is_file() or path.suffix.lower() not in VIDEO_EXTENSIONS:
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in VIDEO_EXTENSIONS:
+            continue
+        if now - path.stat().st_mtime < settle_s:
             continue
         try:
             ids.append(register_video(path, store=store, storage=storage))
@@ -237,13 +242,11 @@ def refresh_signed_urls(
 class EmbedReport:
     backend: str
     model_version: str
-    requested: int = 0
     embedded: int = 0
     cache_hits: int = 0
     resigned: int = 0
     failures: dict[int, ClipError] = field(default_factory=dict)
     inference_ms: list[float] = field(default_factory=list)
-    total_ms: list[float] = field(default_factory=list)
     wall_s: float = 0.0
 
     def percentile(self, q: float) -> float | None:
@@ -274,7 +277,7 @@ def embed_scenes(
     """
     logger = logger or log
     started = time.perf_counter()
-    report = EmbedReport(backend=backend.name, model_version=backend.model_version, requested=len(scenes))
+    report = EmbedReport(backend=backend.name, model_version=backend.model_version)
     if not scenes:
         return report
     video_ids = {s.video_id for s in scenes}
@@ -302,7 +305,8 @@ def embed_scenes(
     if on_progress and report.cache_hits:
         on_progress(report.cache_hits)
 
-    urls = dict(signed_urls or {})
+    # Only the scenes still to embed: re-signing the cache hits' URLs would be wasted calls.
+    urls = {s.index: signed_urls[s.index] for s in todo if signed_urls and s.index in signed_urls}
     for attempt in range(1, attempts + 1):
         if not todo:
             break
@@ -338,7 +342,6 @@ def embed_scenes(
                     EmbeddingRow(scene.index, result.vector, {**result.metadata, "embedded_at": time.time()})
                 )
                 report.inference_ms.append(float(result.metadata.get("inference_time_ms", 0.0)))
-                report.total_ms.append(float(result.metadata.get("total_ms", 0.0)))
                 report.failures.pop(scene.index, None)
             else:
                 report.failures[scene.index] = result

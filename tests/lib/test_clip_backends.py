@@ -101,11 +101,6 @@ def test_local_backend_embeds_from_storage_and_memory(encoder: ClipEncoder, stor
     assert isinstance(out[6], InvalidRequestError)
 
 
-def test_text_queries_share_the_image_space(encoder: ClipEncoder) -> None:
-    vector = LocalBackend(encoder, None).encode_text("a dog on a beach")
-    assert vector.shape == (512,) and np.linalg.norm(vector) == pytest.approx(1.0, abs=1e-5)
-
-
 def test_make_backend_local_reuses_the_process_encoder(
     encoder: ClipEncoder, clip_checkpoint: Path, storage: Storage
 ) -> None:
@@ -141,7 +136,6 @@ def cloud(settings: Settings, respond: Callable[[httpx.Request], httpx.Response]
         client,
         pretrained=settings.clip_pretrained,
         batch_size=settings.clip_batch_size,
-        text_encoder=lambda: pytest.fail("no text encoding expected"),
     )
 
 

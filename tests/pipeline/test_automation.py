@@ -1,7 +1,9 @@
 """Sensor ticks and schedule selection against a real Dagster instance; asset checks failing on bad data."""
 
 import datetime as dt
+import os
 import shutil
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -28,10 +30,12 @@ def _tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult |
     return result
 
 
-def _drop(settings: Settings, source: Path, name: str) -> Path:
-    """Put a file in the inbox as a user would; returns the inbox."""
+def _drop(settings: Settings, source: Path, name: str, *, age_s: float = 60) -> Path:
+    """Put a file in the inbox as a user would, ``age_s`` seconds ago; returns the inbox."""
     settings.inbox_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy(source, settings.inbox_dir / name)
+    target = settings.inbox_dir / name
+    shutil.copy(source, target)
+    os.utime(target, (time.time() - age_s,) * 2)
     return settings.inbox_dir
 
 
@@ -64,6 +68,15 @@ def test_sensor_moves_a_bad_file_aside(
     inbox = _drop(local_env, corrupt_video, "broken.mp4")
     assert isinstance(_tick(instance, None), dg.SkipReason)
     assert "not a video" in (inbox / "rejected" / "broken.mp4.error.txt").read_text()
+
+
+def test_sensor_waits_for_files_still_being_copied(
+    local_env: Settings, instance: dg.DagsterInstance, sample_video: Path
+) -> None:
+    inbox = _drop(local_env, sample_video, "fresh.mp4", age_s=0)
+    _drop(local_env, sample_video, ".partial.mp4")
+    assert isinstance(_tick(instance, None), dg.SkipReason)
+    assert (inbox / "fresh.mp4").exists() and (inbox / ".partial.mp4").exists()
 
 
 def test_schedule_selects_missing_and_stale_embeddings(
