@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import mimetypes
 import tempfile
 import time
 import uuid
@@ -64,7 +65,8 @@ def register_video(path: Path, *, store: VectorStore, storage: Storage) -> str:
     if store.get_video(video_id) is not None:
         return video_id
     storage_path = video_storage_path(video_id, path.name)
-    storage.upload(storage_path, path.read_bytes(), content_type="video/mp4", upsert=True)
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    storage.upload(storage_path, path.read_bytes(), content_type=content_type, upsert=True)
     store.upsert_video(
         VideoRecord(
             id=video_id,
