@@ -483,11 +483,17 @@ def stop_storage_server(home: Path) -> None:
         state = _read_state(folder)
         if state is None:
             return
-        with suppress(ProcessLookupError):
-            os.kill(state.pid, signal.SIGTERM)
+        # Signal only a server that answers at the recorded URL: after a stop, a crash or a reboot the
+        # recorded pid may belong to an unrelated process by now. pid 0 (cleared) would signal our own
+        # process group, hence the guard.
+        if state.pid > 0 and _healthy(state.url):
+            with suppress(ProcessLookupError):
+                os.kill(state.pid, signal.SIGTERM)
         state_file = folder / "server.json"
-        # Keep the keys (see ensure_storage_server) but forget the process.
-        _write_atomic(state_file, json.dumps({**asdict(state), "url": "http://127.0.0.1:0"}).encode())
+        # Keep the keys (see ensure_storage_server) but forget the process: no pid, no reachable URL.
+        forgotten = _State(0, "http://127.0.0.1:0", state.service_key, state.jwt_secret)
+        _write_atomic(state_file, json.dumps(asdict(forgotten)).encode())
+        state_file.chmod(0o600)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,6 +151,39 @@ def test_open_storage_shares_one_embedded_server(embedded_home: Path) -> None:
         restarted = open_storage(settings)  # dead server: a new one, same keys and objects
         assert restarted.download("x.jpg") == JPEG
     finally:
+        stop_storage_server(embedded_home)
+
+
+def answers(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/storage/v1/status", timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def test_stop_twice_never_signals_a_recycled_pid(embedded_home: Path) -> None:
+    server = ensure_storage_server(embedded_home)
+    state_file = embedded_home / "storage" / "server.json"
+    decoy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stop_storage_server(embedded_home)
+        assert json.loads(state_file.read_text())["pid"] == 0
+        # The recorded pid now names an unrelated process (pid reuse, a reboot) and nothing answers at
+        # the recorded URL: stopping again, twice, must leave that process alone.
+        stale = {**json.loads(state_file.read_text()), "pid": decoy.pid, "url": server.url}
+        deadline = time.monotonic() + 10
+        while answers(server.url) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        state_file.write_text(json.dumps(stale))
+        stop_storage_server(embedded_home)
+        stop_storage_server(embedded_home)
+        assert decoy.poll() is None
+        saved = json.loads(state_file.read_text())
+        assert saved["pid"] == 0 and saved["service_key"] == server.service_key
+    finally:
+        decoy.kill()
+        decoy.wait()
         stop_storage_server(embedded_home)
 
 
