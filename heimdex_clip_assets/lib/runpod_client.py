@@ -4,7 +4,8 @@ The seed's "Heimdex Worker Adapter", grown to batches. One call is one RunPod jo
 
 * ``POST {url}/runsync`` with ``Authorization: Bearer <RUNPOD_API_KEY>`` and ``{"input": <signed request>}``.
   RunPod may answer ``IN_QUEUE``/``IN_PROGRESS`` (a cold start outlives its ~90 s wait) with only a job id;
-  we then poll ``{url}/status/{id}`` until a final state or the ``RUNPOD_TIMEOUT_S`` deadline.
+  we then poll ``{url}/status/{id}`` until a final state or the ``RUNPOD_TIMEOUT_S`` deadline. A job still
+  pending at the deadline is cancelled (``POST {url}/cancel/{id}``, best effort) before any retry.
 * Retryable failures (network, HTTP 429/5xx, timeouts, FAILED jobs whose error is retryable) are retried
   with exponential backoff and full jitter; everything else is raised at once. Auth failures above all:
   a bad ``RUNPOD_API_KEY`` or ``EMBEDDING_HMAC_SECRET`` will not get better by asking again.
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 PENDING_STATES = frozenset({"IN_QUEUE", "IN_PROGRESS"})
+# The cancel is a courtesy on the way out of a timed-out attempt: it must not hold up the retry.
+CANCEL_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; embeddings compare by identity
@@ -219,20 +222,37 @@ class RunPodClient:
         deadline = self._clock() + self.timeout_s
         body = self._request("POST", f"{self.url}/runsync", deadline, json={"input": job_input})
         delay, cap = self._poll
-        while body.get("status") not in FINAL_STATES:
-            job_id = body.get("id")
-            status = body.get("status")
-            if not isinstance(job_id, str) or (status is not None and status not in PENDING_STATES):
-                raise RemoteError(
-                    f"RunPod answered an unknown job status {str(status)[:50]!r}", retryable=False
-                )
-            remaining = deadline - self._clock()
-            if remaining <= 0:
-                raise self._timeout()
-            self._sleep(min(delay, remaining))
-            delay = min(cap, delay * 2)
-            body = self._poll_status(job_id, deadline)
+        job_id: str | None = None
+        try:
+            while body.get("status") not in FINAL_STATES:
+                job_id = body.get("id")
+                status = body.get("status")
+                if not isinstance(job_id, str) or (status is not None and status not in PENDING_STATES):
+                    raise RemoteError(
+                        f"RunPod answered an unknown job status {str(status)[:50]!r}", retryable=False
+                    )
+                remaining = deadline - self._clock()
+                if remaining <= 0:
+                    raise self._timeout()
+                self._sleep(min(delay, remaining))
+                delay = min(cap, delay * 2)
+                body = self._poll_status(job_id, deadline)
+        except TimeoutError:
+            # The retry submits a new job; without a cancel this one may still take a GPU (and bill it)
+            # for a result nobody reads.
+            if job_id is not None:
+                self._cancel(job_id)
+            raise
         return self._job_output(body)
+
+    def _cancel(self, job_id: str) -> None:
+        """Best-effort ``POST {url}/cancel/{id}``; never raises (the local SDK server has no such route)."""
+        try:
+            response = self._http.post(f"{self.url}/cancel/{job_id}", timeout=CANCEL_TIMEOUT_S)
+        except Exception as exc:  # whatever goes wrong here, the timeout is the error to report
+            log.warning("Could not cancel timed-out RunPod job %s (%s)", job_id[:80], type(exc).__name__)
+            return
+        log.warning("Asked RunPod to cancel timed-out job %s (HTTP %d)", job_id[:80], response.status_code)
 
     def _poll_status(self, job_id: str, deadline: float) -> dict[str, Any]:
         url = f"{self.url}/status/{job_id}"

@@ -268,6 +268,40 @@ def test_job_stuck_in_queue_times_out_with_the_seed_message(fake: FakeTime) -> N
     assert len(stub.inputs()) == 2  # a timeout is retried once, then raised
 
 
+def test_timed_out_job_is_cancelled_once_before_the_retry(fake: FakeTime) -> None:
+    jobs = iter(["job-a", "job-b"])
+    calls: list[str] = []  # every request but the status polls, in order
+    job = ""
+
+    def cloud(request: httpx.Request) -> httpx.Response:
+        nonlocal job
+        path = request.url.path
+        if path.endswith("/runsync"):
+            job = next(jobs)
+        if "/status/" not in path:
+            calls.append(f"{request.method} {path.removeprefix('/v2/ep123')}")
+        if "/cancel/" in path:
+            return httpx.Response(404, json={"error": "not found"})  # as the local SDK server answers
+        return httpx.Response(200, json={"id": job, "status": "IN_QUEUE"})
+
+    client = make_client(CloudStub(), fake, max_retries=1, transport=httpx.MockTransport(cloud))
+    with pytest.raises(TimeoutError, match=r"^Request timeout after 60\.0s$"):
+        client.embed_batch(ITEMS)
+    # Each attempt's job is cancelled exactly once, before the retry submits the next one.
+    assert calls == ["POST /runsync", "POST /cancel/job-a", "POST /runsync", "POST /cancel/job-b"]
+
+
+def test_failed_cancel_still_raises_the_timeout(fake: FakeTime) -> None:
+    def transport(request: httpx.Request) -> httpx.Response:
+        if "/cancel/" in request.url.path:
+            raise httpx.ConnectError("connection refused", request=request)
+        return httpx.Response(200, json={"id": "job-1", "status": "IN_PROGRESS"})
+
+    client = make_client(CloudStub(), fake, max_retries=0, transport=httpx.MockTransport(transport))
+    with pytest.raises(TimeoutError, match=r"^Request timeout after 60\.0s$"):
+        client.embed_batch(ITEMS)
+
+
 def test_http_timeout_is_a_timeout_error(fake: FakeTime) -> None:
     def slow(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("timed out", request=request)
