@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -83,8 +84,9 @@ def materialize_video(video_id: str, settings: Settings) -> None:
         run_config={
             # The command's backend (a --backend flag included) for the assets and the checks alike.
             "resources": {"clip": {"config": {"backend": settings.clip_backend}}},
-            # Our per-scene lines are INFO; Dagster's own step events are DEBUG and would drown them.
-            "loggers": {"console": {"config": {"log_level": "INFO"}}},
+            # The command prints its own results and one-sentence errors; Dagster's console log would add
+            # every step event and, on failure, a traceback. The run's full log stays in the instance.
+            "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
         },
     )
     if not result.success:
@@ -92,16 +94,14 @@ def materialize_video(video_id: str, settings: Settings) -> None:
 
 
 def _run_failure_message(result: Any) -> str:
-    """The first failed step's own message (our errors already say what to do)."""
+    """The first failed step's description: the assets turn our errors into failures that say what to
+    do; anything else is a bug, whose details are in the run's logs."""
     for event in result.all_events:
         if event.is_step_failure:
             data = event.step_failure_data
             if data.user_failure_data and data.user_failure_data.description:
                 return data.user_failure_data.description
-            error = data.error
-            while error.cause is not None:
-                error = error.cause
-            return error.message.split(": ", 1)[-1].strip()
+            return f"Step {event.step_key} failed unexpectedly: {data.error.message.strip()}"
     return "The run failed; open the Dagster UI (`heimdex-clip dev`) for its logs"
 
 
@@ -355,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not os.environ.get("HEIMDEX_DEBUG"):
+        # Libraries log their own view of a failure to the root logger (open_clip, huggingface_hub);
+        # the command already ends with the one sentence that says what to do.
+        logging.getLogger().setLevel(logging.CRITICAL)
     try:
         return args.func(args)
     except ClipError as exc:

@@ -1,10 +1,13 @@
 """The three per-video assets. Each is a thin call into ``lib.pipeline`` plus the metadata the UI shows."""
 
 import base64
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import dagster as dg
 
 from ..lib import pipeline
+from ..lib.errors import ClipError
 from ..lib.pipeline import SceneParams, SignedUrl
 from .partitions import videos_partitions
 from .resources import ClipInferenceResource, StorageResource, VectorStoreResource
@@ -19,6 +22,18 @@ class SceneDetectionConfig(dg.Config):
     threshold: float | None = SceneParams.threshold
     min_scene_len_s: float = SceneParams.min_scene_len_s
     thumbnail_max_side: int = SceneParams.thumbnail_max_side
+
+
+@contextmanager
+def _failure_says_what_to_do() -> Iterator[None]:
+    """Our errors' messages already say what to do: make that the step's failure description (what the
+    UI and `heimdex-clip` show), instead of the innermost library exception of a traceback."""
+    try:
+        yield
+    except ClipError as exc:
+        raise dg.Failure(
+            description=exc.message, metadata={"code": exc.code, "retryable": exc.retryable}
+        ) from exc
 
 
 def _jpeg_markdown(jpeg: bytes) -> dg.MetadataValue:
@@ -42,12 +57,13 @@ def scene_keyframes(
     # Decoding mostly releases the GIL, so importing torch and loading the model (~4 s of CPU) overlaps
     # with it; the embedding step then finds the model ready in this process.
     clip.preload()
-    report = pipeline.extract_keyframes(
-        context.partition_key,
-        store=db.get(),
-        storage=storage.get(),
-        params=SceneParams(**config.model_dump()),
-    )
+    with _failure_says_what_to_do():
+        report = pipeline.extract_keyframes(
+            context.partition_key,
+            store=db.get(),
+            storage=storage.get(),
+            params=SceneParams(**config.model_dump()),
+        )
     video = report.video
     context.log.info(
         f"Video {video.id}: {len(report.scenes)} scenes in {video.duration_s:.1f}s of video "
@@ -76,8 +92,9 @@ def scene_signed_urls(
     context: dg.AssetExecutionContext, db: VectorStoreResource, storage: StorageResource
 ) -> dg.Output[dict[int, SignedUrl]]:
     expires_in = storage.settings().signed_url_expires_s
-    scenes = db.get().scenes(context.partition_key)
-    urls = pipeline.sign_scene_urls(scenes, storage=storage.get(), expires_in=expires_in)
+    with _failure_says_what_to_do():
+        scenes = db.get().scenes(context.partition_key)
+        urls = pipeline.sign_scene_urls(scenes, storage=storage.get(), expires_in=expires_in)
     return dg.Output(urls, metadata={"signed_urls": len(urls), "expires_in_s": expires_in})
 
 
@@ -98,22 +115,23 @@ def scene_clip_embeddings(
     clip: ClipInferenceResource,
 ) -> dg.MaterializeResult:
     store, store_files = db.get(), storage.get()
-    backend = clip.get(store_files)
-    if not backend.enabled:
-        context.log.warning(
-            "CLIP is off (CLIP_INFERENCE_BACKEND=off or CLIP_ENABLED=false): scenes stay without "
-            "CLIP embeddings"
+    with _failure_says_what_to_do():
+        backend = clip.get(store_files)
+        if not backend.enabled:
+            context.log.warning(
+                "CLIP is off (CLIP_INFERENCE_BACKEND=off or CLIP_ENABLED=false): scenes stay without "
+                "CLIP embeddings"
+            )
+            return dg.MaterializeResult(metadata={"backend": "off", "embedded": 0})
+        report = pipeline.embed_video(
+            context.partition_key,
+            store=store,
+            storage=store_files,
+            backend=backend,
+            signed_urls=scene_signed_urls,
+            expires_in=storage.settings().signed_url_expires_s,
+            logger=context.log,
         )
-        return dg.MaterializeResult(metadata={"backend": "off", "embedded": 0})
-    report = pipeline.embed_video(
-        context.partition_key,
-        store=store,
-        storage=store_files,
-        backend=backend,
-        signed_urls=scene_signed_urls,
-        expires_in=storage.settings().signed_url_expires_s,
-        logger=context.log,
-    )
     metadata: dict[str, object] = {
         "scene_count": len(store.scenes(context.partition_key)),
         "backend": report.backend,

@@ -183,3 +183,10 @@ def test_dev_serves_the_ui_and_stops_on_ctrl_c(
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_weights_unavailable_offline_says_what_to_set(cli_env: dict[str, str], make_video) -> None:
+    video = make_video(scenes=2, scene_seconds=1.0)
+    result = cli(cli_env, "demo", str(video), ok=False, CLIP_PRETRAINED="openai", HF_HUB_OFFLINE="1")
+    assert "set CLIP_PRETRAINED=" in result.stderr
+    assert "ERROR:root" not in result.stderr
