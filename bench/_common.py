@@ -41,7 +41,8 @@ def add_video_args(parser: argparse.ArgumentParser, *, scenes: int, scene_second
 def isolated_home() -> Iterator[Path]:
     """A temporary HEIMDEX_HOME with embedded Postgres + storage, stopped and deleted on exit."""
     from heimdex_clip_assets.lib import services
-    from heimdex_clip_assets.lib.config import Settings
+
+    from heimdex_clip_assets.config import Settings
 
     saved = dict(os.environ)
     # Short prefix: the embedded Postgres socket path must stay under the 107-byte limit.
@@ -84,8 +85,8 @@ def clip_env(args: argparse.Namespace, folder: Path) -> dict[str, str]:
 
 def sample_video(args: argparse.Namespace, folder: Path) -> tuple[Path, float]:
     """Generate the bench video; returns its path and duration in seconds."""
-    from heimdex_clip_assets.lib.sample_video import generate_sample_video
-    from heimdex_clip_assets.lib.scenes import probe_video
+    from heimdex_clip_assets.devservices.sample_video import generate_sample_video
+    from heimdex_clip_assets.domain.scenes import probe_video
 
     width, height = (int(v) for v in args.size.lower().split("x"))
     t0 = time.perf_counter()

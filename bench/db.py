@@ -19,8 +19,9 @@ import psycopg
 from pgvector.psycopg import register_vector
 from psycopg.conninfo import make_conninfo
 
-from heimdex_clip_assets.lib.config import Settings
-from heimdex_clip_assets.lib.db import VectorStore, resolve_database_url
+from heimdex_clip_assets.adapters.db import VectorStore
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.services import resolve_database_url
 
 DIM = 512
 SCENES_PER_VIDEO = 100

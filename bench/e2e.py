@@ -27,9 +27,9 @@ from pathlib import Path
 
 from _common import add_video_args, clip_env, isolated_home, load_note, sample_video, timed
 
-from heimdex_clip_assets.cli import REPO_ROOT
-from heimdex_clip_assets.lib import services
-from heimdex_clip_assets.lib.config import Settings
+from heimdex_clip_assets import services
+from heimdex_clip_assets.cli.common import REPO_ROOT
+from heimdex_clip_assets.config import Settings
 
 TARGET_X = 15.0
 KEYFRAME_STAGES = ("download", "detect", "thumbnails", "upload", "db")
@@ -53,7 +53,7 @@ def run_breakdown(
     and the cost of each CLIP batch."""
     import dagster as dg
 
-    from heimdex_clip_assets.cli import dagster_env
+    from heimdex_clip_assets.cli.common import dagster_env
 
     os.environ.update(dagster_env(settings))
     instance = dg.DagsterInstance.get()

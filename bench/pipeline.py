@@ -21,9 +21,10 @@ from contextlib import contextmanager
 import torch
 from _common import add_video_args, clip_env, isolated_home, load_note, sample_video, timed
 
-from heimdex_clip_assets.lib import pipeline, services
-from heimdex_clip_assets.lib.clip_backends import LocalBackend
-from heimdex_clip_assets.lib.config import Settings
+from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.clip_backends import LocalBackend
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.pipeline import embed, keyframes, register
 from runpod_worker.encoder import ClipEncoder
 
 DETECT_TARGET_X = 30.0
@@ -92,10 +93,10 @@ def main() -> None:
 
         stages: dict[str, float] = {}
         video_id, stages["register (sha256 + upload video)"] = timed(
-            lambda: pipeline.register_video(video, store=store, storage=storage)
+            lambda: register.register_video(video, store=store, storage=storage)
         )
         report, keyframes_wall = timed(
-            lambda: pipeline.extract_keyframes(video_id, store=store, storage=storage)
+            lambda: keyframes.extract_keyframes(video_id, store=store, storage=storage)
         )
         t = report.timings_s
         stages["download video"] = t["download"]
@@ -114,10 +115,10 @@ def main() -> None:
 
         writes: list[float] = []
         with spy(store, "write_embeddings", writes):
-            embed = pipeline.embed_video(video_id, store=store, storage=storage, backend=backend)
-        assert embed.embedded == n and not embed.failures and not embed.cache_hits, embed
+            report = embed.embed_video(video_id, store=store, storage=storage, backend=backend)
+        assert report.embedded == n and not report.failures and not report.cache_hits, report
         raw_after, _ = raw_rate(encoder, blobs, args.batch)
-        stages["embeddings (read + decode + encode)"] = embed.wall_s - sum(writes)
+        stages["embeddings (read + decode + encode)"] = report.wall_s - sum(writes)
         stages["db (embeddings)"] = sum(writes)
 
     total = sum(stages.values())
@@ -134,9 +135,9 @@ def main() -> None:
         f"scene detection + keyframe choice: {detect_x:.1f}x realtime "
         f"(target >= {DETECT_TARGET_X:g}x: {verdict})"
     )
-    stage_rate = n / embed.wall_s
+    stage_rate = n / report.wall_s
     raw = (raw_before + raw_after) / 2
-    encode_ms = sum(embed.inference_ms) / n  # per-image shares of each batch, in ms
+    encode_ms = sum(report.inference_ms) / n  # per-image shares of each batch, in ms
     print(
         f"embedding stage: {stage_rate:.1f} img/s (encode_bytes {encode_ms:.1f} ms/img incl. decode) | "
         f"raw encoder {raw:.1f} img/s (before {raw_before:.1f}, after {raw_after:.1f}; "

@@ -12,8 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from heimdex_clip_assets.lib.sample_video import generate_sample_video
-from heimdex_clip_assets.lib.scenes import detect_scenes_and_keyframes, make_thumbnail
+from heimdex_clip_assets.devservices.sample_video import generate_sample_video
+from heimdex_clip_assets.domain.scenes import detect_scenes_and_keyframes, make_thumbnail
 
 SCENE_SECONDS = 2.0
 

@@ -29,10 +29,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from heimdex_clip_contract.schema import ImageItem, build_batch_request, build_single_request
 from runpod_worker.config import WorkerConfig
 from runpod_worker.encoder import ClipEncoder
 from runpod_worker.handler import Fetched, WorkerState, handle_input
-from runpod_worker.protocol import ImageItem, build_batch_request, build_single_request
 from tests.fixtures.worker import ImageServer
 
 SECRET = "bench-secret"

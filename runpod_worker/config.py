@@ -10,7 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runpod_worker.protocol import DEFAULT_AUTH_WINDOW_S, ConfigError, derive_model_version
+from heimdex_clip_contract.errors import ConfigError
+from heimdex_clip_contract.schema import derive_model_version
+from heimdex_clip_contract.signing import DEFAULT_AUTH_WINDOW_S
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")

@@ -25,13 +25,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from runpod_worker.protocol import (
-    ClipError,
-    ConfigError,
-    InternalError,
-    InvalidImageError,
-    derive_model_version,
-)
+from heimdex_clip_contract.errors import ClipError, ConfigError, InternalError, InvalidImageError
+from heimdex_clip_contract.schema import derive_model_version
 
 logger = logging.getLogger(__name__)
 

@@ -19,13 +19,13 @@ from urllib.parse import urljoin, urlsplit
 import certifi
 import httpx
 
-from runpod_worker.config import WorkerConfig
-from runpod_worker.protocol import (
+from heimdex_clip_contract.errors import (
     ImageDownloadError,
     ImageTooLargeError,
     InvalidImageError,
     InvalidRequestError,
 )
+from runpod_worker.config import WorkerConfig
 
 _ALLOWED_SCHEMES = ("http", "https")
 _REDIRECT_STATUS = frozenset((301, 302, 303, 307, 308))

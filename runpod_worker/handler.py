@@ -19,19 +19,13 @@ from typing import Any
 
 import numpy as np
 
+from heimdex_clip_contract.codec import encode_embedding
+from heimdex_clip_contract.errors import ClipError, InternalError, ModelMismatchError, encode_job_error
+from heimdex_clip_contract.schema import EmbedRequest, parse_request
+from heimdex_clip_contract.signing import Verifier
 from runpod_worker.config import WorkerConfig
 from runpod_worker.encoder import ClipEncoder
 from runpod_worker.fetch import FetchPolicy, fetch_image, make_client
-from runpod_worker.protocol import (
-    ClipError,
-    EmbedRequest,
-    InternalError,
-    ModelMismatchError,
-    Verifier,
-    encode_embedding,
-    encode_job_error,
-    parse_request,
-)
 
 logger = logging.getLogger("runpod_worker")
 

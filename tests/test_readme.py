@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
-from heimdex_clip_assets.lib.db import EmbeddingRow, SceneRecord, VectorStore, VideoRecord
+from heimdex_clip_assets.adapters.db import EmbeddingRow, SceneRecord, VectorStore, VideoRecord
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 VIDEO_ID = "6b1f8c52-0000-4000-8000-000000000001"

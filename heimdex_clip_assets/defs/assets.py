@@ -1,4 +1,4 @@
-"""The three per-video assets. Each is a thin call into ``lib.pipeline`` plus the metadata the UI shows."""
+"""The three per-video assets: thin calls into ``heimdex_clip_assets.pipeline``, plus UI metadata."""
 
 import base64
 from collections.abc import Iterator
@@ -6,9 +6,11 @@ from contextlib import contextmanager
 
 import dagster as dg
 
-from ..lib import pipeline
-from ..lib.errors import ClipError
-from ..lib.pipeline import SceneParams, SignedUrl
+from heimdex_clip_assets.pipeline import embed, keyframes
+from heimdex_clip_assets.pipeline.embed import SignedUrl
+from heimdex_clip_assets.pipeline.keyframes import SceneParams
+from heimdex_clip_contract.errors import ClipError
+
 from .partitions import videos_partitions
 from .resources import ClipInferenceResource, StorageResource, VectorStoreResource
 
@@ -16,7 +18,7 @@ GROUP = "video_scenes"
 
 
 class SceneDetectionConfig(dg.Config):
-    """Launchpad overrides of ``lib.pipeline.SceneParams``; defaults are taken from it."""
+    """Launchpad overrides of ``pipeline.keyframes.SceneParams``; defaults are taken from it."""
 
     detector: str = SceneParams.detector
     threshold: float | None = SceneParams.threshold
@@ -58,7 +60,7 @@ def scene_keyframes(
     # with it; the embedding step then finds the model ready in this process.
     clip.preload()
     with _failure_says_what_to_do():
-        report = pipeline.extract_keyframes(
+        report = keyframes.extract_keyframes(
             context.partition_key,
             store=db.get(),
             storage=storage.get(),
@@ -94,7 +96,7 @@ def scene_signed_urls(
     expires_in = storage.settings().signed_url_expires_s
     with _failure_says_what_to_do():
         scenes = db.get().scenes(context.partition_key)
-        urls = pipeline.sign_scene_urls(scenes, storage=storage.get(), expires_in=expires_in)
+        urls = embed.sign_scene_urls(scenes, storage=storage.get(), expires_in=expires_in)
     return dg.Output(urls, metadata={"signed_urls": len(urls), "expires_in_s": expires_in})
 
 
@@ -123,7 +125,7 @@ def scene_clip_embeddings(
                 "CLIP embeddings"
             )
             return dg.MaterializeResult(metadata={"backend": "off", "embedded": 0})
-        report = pipeline.embed_video(
+        report = embed.embed_video(
             context.partition_key,
             store=store,
             storage=store_files,
@@ -149,7 +151,7 @@ def scene_clip_embeddings(
     if report.failures:
         raise dg.Failure(
             description=f"{len(report.failures)} scene(s) still without a CLIP embedding after retries: "
-            f"{pipeline.failure_summary(report)}. Fix the cause and rerun: only these scenes are redone.",
+            f"{embed.failure_summary(report)}. Fix the cause and rerun: only these scenes are redone.",
             metadata=metadata,
         )
     return dg.MaterializeResult(metadata=metadata)

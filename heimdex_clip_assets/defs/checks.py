@@ -1,12 +1,13 @@
-"""Asset checks on ``scene_clip_embeddings``, one per rule in ``lib.checks``, run per video partition."""
+"""Asset checks on ``scene_clip_embeddings``, one per rule in ``domain.checks``, run per video partition."""
 
 import warnings
 from collections.abc import Callable, Sequence
 
 import dagster as dg
 
-from ..lib.checks import EMBEDDING_CHECKS, CheckOutcome
-from ..lib.db import SceneRecord
+from heimdex_clip_assets.adapters.db import SceneRecord
+from heimdex_clip_assets.domain.checks import EMBEDDING_CHECKS, CheckOutcome
+
 from .assets import scene_clip_embeddings
 from .partitions import videos_partitions
 from .resources import ClipInferenceResource, VectorStoreResource

@@ -4,19 +4,18 @@ Every field defaults to ``None``, meaning "take the seed's environment variable"
 ``SUPABASE_URL``, ``CLIP_INFERENCE_BACKEND``, ...), so switching embedded -> real services or
 local -> RunPod needs no code change; a run's config in the launchpad can still override one run.
 The heavy objects (the database connection info, the storage client, the CLIP model) are built once per
-process by ``lib.services`` and shared by every step and run in it.
+process by ``heimdex_clip_assets.services`` and shared by every step and run in it.
 """
 
-import dataclasses
 
 import dagster as dg
 from pydantic import Field
 
-from ..lib import services
-from ..lib.clip_backends import ClipBackend
-from ..lib.config import Settings
-from ..lib.db import VectorStore
-from ..lib.storage import Storage
+from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.clip_backends import ClipBackend
+from heimdex_clip_assets.adapters.db import VectorStore
+from heimdex_clip_assets.adapters.storage import Storage
+from heimdex_clip_assets.config import Settings
 
 
 class VectorStoreResource(dg.ConfigurableResource):
@@ -27,7 +26,7 @@ class VectorStoreResource(dg.ConfigurableResource):
     def get(self) -> VectorStore:
         settings = Settings.from_env()
         if self.database_url:
-            settings = dataclasses.replace(settings, database_url=self.database_url)
+            settings = settings.replace(database_url=self.database_url)
         return services.vector_store(settings)
 
 
@@ -42,9 +41,9 @@ class StorageResource(dg.ConfigurableResource):
     def settings(self) -> Settings:
         settings = Settings.from_env()
         if self.bucket:
-            settings = dataclasses.replace(settings, bucket=self.bucket)
+            settings = settings.replace(bucket=self.bucket)
         if self.signed_url_expires_s:
-            settings = dataclasses.replace(settings, signed_url_expires_s=self.signed_url_expires_s)
+            settings = settings.replace(signed_url_expires_s=self.signed_url_expires_s)
         return settings
 
     def get(self) -> Storage:

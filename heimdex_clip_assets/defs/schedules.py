@@ -2,7 +2,8 @@
 
 import dagster as dg
 
-from ..lib.config import Settings
+from heimdex_clip_assets.config import Settings
+
 from .assets import embed_job
 from .partitions import videos_partitions
 from .resources import ClipInferenceResource, VectorStoreResource

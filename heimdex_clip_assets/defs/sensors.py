@@ -2,8 +2,9 @@
 
 import dagster as dg
 
-from ..lib import pipeline
-from ..lib.config import Settings
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.pipeline import register
+
 from .assets import ingest_video_job
 from .partitions import videos_partitions
 from .resources import StorageResource, VectorStoreResource
@@ -21,7 +22,7 @@ def new_videos_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     settings = Settings.from_env()
     store = db.get()
-    registered = pipeline.scan_inbox(
+    registered = register.scan_inbox(
         settings.inbox_dir, store=store, storage=storage.get(), settle_s=settings.inbox_settle_s
     )
     if registered:

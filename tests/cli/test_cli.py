@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from heimdex_clip_assets.lib import services
-from heimdex_clip_assets.lib.config import Settings
+from heimdex_clip_assets import services
+from heimdex_clip_assets.config import Settings
 from tests.fixtures.services import _reachable_dir
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,6 @@ checkpoint, the embedded storage server, and (for runpod) RunPod's cloud stubbed
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from collections.abc import Callable
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from heimdex_clip_assets.lib.clip_backends import (
+from heimdex_clip_assets.adapters.clip_backends import (
     EmbeddingResult,
     LocalBackend,
     OffBackend,
@@ -25,19 +24,20 @@ from heimdex_clip_assets.lib.clip_backends import (
     log_result,
     make_backend,
 )
-from heimdex_clip_assets.lib.config import Settings
-from heimdex_clip_assets.lib.errors import (
+from heimdex_clip_assets.adapters.runpod_client import RunPodClient
+from heimdex_clip_assets.adapters.storage import Storage
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_contract.codec import encode_embedding
+from heimdex_clip_contract.errors import (
     AuthError,
     ClipError,
     ConfigError,
     InvalidImageError,
     InvalidRequestError,
-    TimeoutError,
+    RequestTimeoutError,
+    encode_job_error,
 )
-from heimdex_clip_assets.lib.runpod_client import RunPodClient
-from heimdex_clip_assets.lib.storage import Storage
 from runpod_worker.encoder import ClipEncoder
-from runpod_worker.protocol import encode_embedding, encode_job_error
 
 META_KEYS = {
     "backend",
@@ -178,7 +178,7 @@ def test_runpod_batch_failure_lands_in_every_slot(runpod_settings: Settings) -> 
         raise httpx.ReadTimeout("timed out", request=request)
 
     out = cloud(runpod_settings, slow).embed([SceneImage(i, url="https://h/a") for i in range(2)])
-    assert all(isinstance(r, TimeoutError) for r in out)
+    assert all(isinstance(r, RequestTimeoutError) for r in out)
     assert log_result(5, "runpod", out[0]).splitlines() == [
         "Scene 5: RunPod timeout: Request timeout after 60.0s",
         "Scene 5: CLIP embedding failed: Timeout",
@@ -222,7 +222,7 @@ def test_runpod_and_local_backends_agree_through_the_real_worker(
     )
 
     remote = make_backend(settings, storage)
-    local = make_backend(dataclasses.replace(settings, clip_backend="local"), storage)
+    local = make_backend(settings.replace(clip_backend="local"), storage)
     assert remote.model_version == local.model_version
     remote_out = remote.embed([*images, tampered])
     local_out = local.embed(images)

@@ -10,17 +10,16 @@ import numpy as np
 import psycopg
 import pytest
 
-from heimdex_clip_assets.lib.config import Settings
-from heimdex_clip_assets.lib.db import (
+from heimdex_clip_assets.adapters.db import (
     EmbeddingRow,
     SceneRecord,
     VectorStore,
     VideoRecord,
-    dagster_storage_url,
-    resolve_database_url,
 )
-from heimdex_clip_assets.lib.embedded import embedded_postgres
-from heimdex_clip_assets.lib.errors import (
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.devservices.postgres import embedded_postgres
+from heimdex_clip_assets.services import dagster_storage_url, resolve_database_url
+from heimdex_clip_contract.errors import (
     DatabaseError,
     InvalidRequestError,
     ModelMismatchError,
@@ -128,7 +127,7 @@ def test_resolve_database_url(embedded_home: Path) -> None:
     try:
         url = resolve_database_url(settings)
         assert resolve_database_url(settings) == url  # a second call re-attaches
-        assert VectorStore.from_settings(settings).dim == 512  # ViT-B-32, the default model
+        assert settings.clip_dim == 512  # ViT-B-32, the default model
         with psycopg.connect(url) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
         assert (
@@ -149,9 +148,6 @@ def test_video_upsert_status_and_listing(store: VectorStore) -> None:
     store.set_video_status(video.id, "failed", "no video stream")
     failed = store.get_video(video.id)
     assert failed is not None and (failed.status, failed.error) == ("failed", "no video stream")
-    assert store.list_video_ids() == [video.id]
-    assert store.list_video_ids(status="failed") == [video.id]
-    assert store.list_video_ids(status="ready") == []
     assert store.get_video(str(uuid.uuid4())) is None
     with pytest.raises(NotFoundError):
         store.set_video_status(str(uuid.uuid4()), "ready")

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from heimdex_clip_assets.lib.config import Settings
-from heimdex_clip_assets.lib.errors import (
+from heimdex_clip_assets.adapters.runpod_client import RemoteEmbedding, RunPodClient
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_contract.codec import encode_embedding
+from heimdex_clip_contract.errors import (
     AuthError,
     ClipError,
     InternalError,
@@ -27,17 +29,11 @@ from heimdex_clip_assets.lib.errors import (
     ModelMismatchError,
     NetworkError,
     RemoteError,
-    TimeoutError,
-)
-from heimdex_clip_assets.lib.runpod_client import RemoteEmbedding, RunPodClient
-from runpod_worker.protocol import (
-    ImageItem,
-    Verifier,
-    batch_message,
-    encode_embedding,
+    RequestTimeoutError,
     encode_job_error,
-    single_message,
 )
+from heimdex_clip_contract.schema import ImageItem
+from heimdex_clip_contract.signing import Verifier, batch_message, single_message
 from tests.fixtures.worker import ImageServer
 
 URL = "https://api.runpod.ai/v2/ep123"
@@ -263,7 +259,7 @@ def test_server_error_body_echoing_the_key_is_redacted(fake: FakeTime) -> None:
 
 def test_job_stuck_in_queue_times_out_with_the_seed_message(fake: FakeTime) -> None:
     stub = CloudStub(*[reply(200, id="job-1", status="IN_QUEUE")] * 200)
-    with pytest.raises(TimeoutError, match=r"^Request timeout after 60\.0s$"):
+    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 60\.0s$"):
         make_client(stub, fake, max_retries=1).embed_batch(ITEMS)
     assert len(stub.inputs()) == 2  # a timeout is retried once, then raised
 
@@ -285,7 +281,7 @@ def test_timed_out_job_is_cancelled_once_before_the_retry(fake: FakeTime) -> Non
         return httpx.Response(200, json={"id": job, "status": "IN_QUEUE"})
 
     client = make_client(CloudStub(), fake, max_retries=1, transport=httpx.MockTransport(cloud))
-    with pytest.raises(TimeoutError, match=r"^Request timeout after 60\.0s$"):
+    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 60\.0s$"):
         client.embed_batch(ITEMS)
     # Each attempt's job is cancelled exactly once, before the retry submits the next one.
     assert calls == ["POST /runsync", "POST /cancel/job-a", "POST /runsync", "POST /cancel/job-b"]
@@ -298,7 +294,7 @@ def test_failed_cancel_still_raises_the_timeout(fake: FakeTime) -> None:
         return httpx.Response(200, json={"id": "job-1", "status": "IN_PROGRESS"})
 
     client = make_client(CloudStub(), fake, max_retries=0, transport=httpx.MockTransport(transport))
-    with pytest.raises(TimeoutError, match=r"^Request timeout after 60\.0s$"):
+    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 60\.0s$"):
         client.embed_batch(ITEMS)
 
 
@@ -307,7 +303,7 @@ def test_http_timeout_is_a_timeout_error(fake: FakeTime) -> None:
         raise httpx.ReadTimeout("timed out", request=request)
 
     stub = CloudStub(slow)
-    with pytest.raises(TimeoutError, match=r"^Request timeout after 60\.0s$"):
+    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 60\.0s$"):
         make_client(stub, fake, max_retries=0).embed_batch(ITEMS)
 
 

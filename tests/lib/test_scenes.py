@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from heimdex_clip_assets.lib.errors import InvalidVideoError
-from heimdex_clip_assets.lib.sample_video import OPENING_FRACTION
-from heimdex_clip_assets.lib.scenes import (
+from heimdex_clip_assets.devservices.sample_video import OPENING_FRACTION
+from heimdex_clip_assets.domain.scenes import (
     Scene,
     contact_sheet,
     detect_scenes_and_keyframes,
     make_thumbnail,
     probe_video,
 )
+from heimdex_clip_contract.errors import InvalidVideoError
 from tests.fixtures.video import SAMPLE_CUTS, SAMPLE_VIDEO, MakeVideo
 
 FRAME_S = 1 / SAMPLE_VIDEO["fps"]

@@ -6,9 +6,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from heimdex_clip_assets import services
+from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.definitions import defs
-from heimdex_clip_assets.lib import pipeline, services
-from heimdex_clip_assets.lib.config import Settings
+from heimdex_clip_assets.pipeline.register import register_video
 
 Materialize = Callable[..., dg.ExecuteInProcessResult]
 
@@ -44,8 +45,6 @@ def materialize(instance: dg.DagsterInstance) -> Materialize:
 def register(local_env: Settings) -> Callable[[Path], str]:
     def run(path: Path) -> str:
         settings = Settings.from_env()
-        return pipeline.register_video(
-            path, store=services.vector_store(settings), storage=services.storage(settings)
-        )
+        return register_video(path, store=services.vector_store(settings), storage=services.storage(settings))
 
     return run

@@ -6,11 +6,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from heimdex_clip_assets.cli import STEP7_SQL
-from heimdex_clip_assets.lib import services
-from heimdex_clip_assets.lib.config import Settings
-from heimdex_clip_assets.lib.db import VideoRecord
-from heimdex_clip_assets.lib.errors import InvalidVideoError
+from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.db import VideoRecord
+from heimdex_clip_assets.cli.common import STEP7_SQL
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_contract.errors import InvalidVideoError
 
 
 def _checks(result) -> dict[str, bool]:
@@ -116,7 +116,7 @@ def test_corrupt_video_fails_clearly_and_writes_nothing(
     for bad in (corrupt_video, empty_video):
         with pytest.raises(InvalidVideoError, match=r"check the file|pass a video file"):
             register(bad)
-    assert store.list_video_ids() == []
+    assert store.query("SELECT id FROM videos") == []
 
 
 def test_corrupt_video_in_storage_fails_the_keyframes_asset(

@@ -10,12 +10,13 @@ import dagster as dg
 import numpy as np
 import pytest
 
+from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.db import EmbeddingRow, SceneRecord
+from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.defs.resources import ClipInferenceResource, StorageResource, VectorStoreResource
 from heimdex_clip_assets.defs.schedules import embedding_backfill_schedule
 from heimdex_clip_assets.defs.sensors import new_videos_sensor
-from heimdex_clip_assets.lib import checks, services
-from heimdex_clip_assets.lib.config import Settings
-from heimdex_clip_assets.lib.db import EmbeddingRow, SceneRecord
+from heimdex_clip_assets.domain import checks
 
 RESOURCES = {"db": VectorStoreResource(), "storage": StorageResource(), "clip": ClipInferenceResource()}
 

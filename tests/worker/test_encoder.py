@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from heimdex_clip_contract.errors import ConfigError, InvalidImageError
 from runpod_worker.encoder import ClipEncoder, _jpeg_frame
-from runpod_worker.protocol import ConfigError, InvalidImageError
 from tests.worker.conftest import jpeg
 
 

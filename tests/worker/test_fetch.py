@@ -7,14 +7,14 @@ import ssl
 
 import pytest
 
-from runpod_worker.fetch import FetchPolicy, fetch_image, is_public_address, make_client
-from runpod_worker.protocol import (
+from heimdex_clip_contract.errors import (
     ClipError,
     ImageDownloadError,
     ImageTooLargeError,
     InvalidImageError,
     InvalidRequestError,
 )
+from runpod_worker.fetch import FetchPolicy, fetch_image, is_public_address, make_client
 from tests.fixtures.worker import ImageServer, Route
 
 LOOPBACK_OK = FetchPolicy(allow_private=True, max_bytes=1000, timeout_s=2)

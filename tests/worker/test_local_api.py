@@ -6,7 +6,8 @@ import json
 
 import httpx
 
-from runpod_worker.protocol import ImageItem, build_batch_request, build_single_request, decode_embedding
+from heimdex_clip_contract.codec import decode_embedding
+from heimdex_clip_contract.schema import ImageItem, build_batch_request, build_single_request
 from tests.fixtures.worker import ImageServer
 
 

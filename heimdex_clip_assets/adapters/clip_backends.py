@@ -21,16 +21,21 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from runpod_worker.protocol import ImageItem
-
-from .config import Settings
-from .errors import AuthError, ClipError, ConfigError, InvalidRequestError, ModelMismatchError, TimeoutError
-from .runpod_client import RunPodClient
+from heimdex_clip_assets.adapters.runpod_client import RunPodClient
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_contract.errors import (
+    AuthError,
+    ClipError,
+    ConfigError,
+    InvalidRequestError,
+    ModelMismatchError,
+    RequestTimeoutError,
+)
+from heimdex_clip_contract.schema import ImageItem
 
 if TYPE_CHECKING:  # the encoder imports torch; only the local backend and text search need it at runtime
+    from heimdex_clip_assets.adapters.storage import Storage
     from runpod_worker.encoder import ClipEncoder
-
-    from .storage import Storage
 
 DOWNLOAD_THREADS = 8  # thumbnail downloads are I/O bound; the model, not the network, should be the limit
 # One failed batch of these means every other batch fails the same way: stop instead of logging each scene.
@@ -316,7 +321,7 @@ def describe_error(backend: str, err: ClipError) -> str:
     """``RunPod timeout: ...``, ``RunPod authentication error: ...``, ``RunPod error: ...`` as in the seed;
     messages that already say what they are (connection, dimension) stand alone."""
     label = _LABELS.get(backend, backend)
-    if isinstance(err, TimeoutError):
+    if isinstance(err, RequestTimeoutError):
         return f"{label} timeout: {err.message}"
     if isinstance(err, AuthError):
         return f"{label} authentication error: {err.message}"
@@ -326,8 +331,8 @@ def describe_error(backend: str, err: ClipError) -> str:
 
 
 def _kind(err: ClipError) -> str:
-    # TimeoutError -> "Timeout" (the seed's wording), ImageDownloadError -> "ImageDownload", ...
-    return type(err).__name__.removesuffix("Error") or err.code
+    # RequestTimeoutError -> "Timeout" (the seed's wording), ImageDownloadError -> "ImageDownload", ...
+    return type(err).__name__.removeprefix("Request").removesuffix("Error") or err.code
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
-from runpod_worker import protocol
-from runpod_worker.protocol import AuthError, ImageItem, Verifier
+from heimdex_clip_contract import codec, errors, schema, signing
+from heimdex_clip_contract.errors import AuthError
+from heimdex_clip_contract.schema import ImageItem
+from heimdex_clip_contract.signing import Verifier
 
 VECTORS = json.loads((Path(__file__).parents[1] / "data" / "hmac_vectors.json").read_text())["vectors"]
 NOW = 1_764_115_200
@@ -19,27 +21,27 @@ NOW = 1_764_115_200
 def test_golden_vectors(vector: dict[str, Any]) -> None:
     urls, ts, secret = vector["image_urls"], vector["ts"], vector["secret"]
     if vector["kind"] == "single":
-        assert protocol.single_message(urls[0], ts) == vector["message"]
-        assert protocol.sign_single(urls[0], ts, secret) == vector["sig"]
-        body = protocol.build_single_request(urls[0], secret, ts=ts)
+        assert signing.single_message(urls[0], ts) == vector["message"]
+        assert signing.sign_single(urls[0], ts, secret) == vector["sig"]
+        body = schema.build_single_request(urls[0], secret, ts=ts)
     else:
-        assert protocol.batch_message(urls, ts) == vector["message"]
-        assert protocol.sign_batch(urls, ts, secret) == vector["sig"]
-        body = protocol.build_batch_request([ImageItem(u) for u in urls], secret, ts=ts)
-    request = protocol.parse_request(body)
+        assert signing.batch_message(urls, ts) == vector["message"]
+        assert signing.sign_batch(urls, ts, secret) == vector["sig"]
+        body = schema.build_batch_request([ImageItem(u) for u in urls], secret, ts=ts)
+    request = schema.parse_request(body)
     assert request.message == vector["message"]
     Verifier([secret]).verify(request.message, ts, vector["sig"], now=ts)
 
 
 def test_batch_signature_is_not_a_single_signature() -> None:
-    sig = protocol.sign_batch(["https://h/a.jpg"], NOW, "k")
+    sig = signing.sign_batch(["https://h/a.jpg"], NOW, "k")
     with pytest.raises(AuthError, match="bad signature"):
-        Verifier(["k"]).verify(protocol.single_message("https://h/a.jpg", NOW), NOW, sig, now=NOW)
+        Verifier(["k"]).verify(signing.single_message("https://h/a.jpg", NOW), NOW, sig, now=NOW)
 
 
 def _single(secret: str = "k", ts: int = NOW) -> tuple[str, int, str]:
     url = "https://h/a.jpg"
-    return protocol.single_message(url, ts), ts, protocol.sign_single(url, ts, secret)
+    return signing.single_message(url, ts), ts, signing.sign_single(url, ts, secret)
 
 
 @pytest.mark.parametrize(
@@ -59,7 +61,7 @@ def test_malformed_auth(ts: Any, sig: Any, match: str) -> None:
 
 def test_missing_auth_block() -> None:
     with pytest.raises(AuthError, match="missing auth"):
-        protocol.parse_request({"image_url": "https://h/a.jpg"})
+        schema.parse_request({"image_url": "https://h/a.jpg"})
 
 
 @pytest.mark.parametrize("skew", [-121, 121])
@@ -92,21 +94,19 @@ def test_encode_embedding_ndarray_matches_sequence() -> None:
     np = pytest.importorskip("numpy")
     row = np.random.default_rng(0).standard_normal(512).astype(np.float32)
     for encoding in ("json", "base64"):
-        fast = protocol.encode_embedding(row, encoding)
-        slow = protocol.encode_embedding([float(v) for v in row], encoding)
+        fast = codec.encode_embedding(row, encoding)
+        slow = codec.encode_embedding([float(v) for v in row], encoding)
         assert fast == slow
-        assert protocol.decode_embedding(fast, 512) == row.tolist()
+        assert codec.decode_embedding(fast, 512) == row.tolist()
     assert (
-        protocol.decode_embedding(protocol.encode_embedding(row.astype(np.float64), "base64"), 512)
-        == row.tolist()
+        codec.decode_embedding(codec.encode_embedding(row.astype(np.float64), "base64"), 512) == row.tolist()
     )
 
 
 def test_config_error_is_one_class_with_a_wire_code() -> None:
-    from heimdex_clip_assets.lib import errors
     from runpod_worker import config
 
     # One class for "config_error": the pipeline's except clauses also catch the worker's errors.
-    assert errors.ConfigError is config.ConfigError is protocol.ConfigError
-    rebuilt = protocol.error_from_dict(protocol.ConfigError("CLIP_PRECISION bad").to_dict())
-    assert type(rebuilt) is protocol.ConfigError and not rebuilt.retryable
+    assert errors.ConfigError is config.ConfigError is errors.ConfigError
+    rebuilt = errors.error_from_dict(errors.ConfigError("CLIP_PRECISION bad").to_dict())
+    assert type(rebuilt) is errors.ConfigError and not rebuilt.retryable

@@ -11,7 +11,6 @@ Expected output on RunPod (the seed's Step 5)::
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import secrets
 import time
@@ -21,10 +20,10 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from . import services
-from .config import Settings
-from .errors import AuthError, ClipError
-from .runpod_client import RunPodClient
+from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.runpod_client import RunPodClient
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_contract.errors import AuthError, ClipError
 
 SMOKE_PATH = "smoke/smoke-test.jpg"
 
@@ -107,7 +106,7 @@ def run_smoke(settings: Settings) -> list[Check]:
         total_ms = (time.perf_counter() - started) * 1000
     checks.append(Check(True, "RunPod CLIP endpoint reachable"))
     checks.append(Check(signed_ok, signed_msg))
-    wrong = dataclasses.replace(settings, hmac_secret=secrets.token_hex(32), runpod_max_retries=0)
+    wrong = settings.replace(hmac_secret=secrets.token_hex(32), runpod_max_retries=0)
     with RunPodClient.from_settings(wrong) as bad_client:
         try:
             bad_client.embed_one(url, request_id="smoke-test-bad-signature")

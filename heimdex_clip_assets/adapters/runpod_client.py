@@ -28,17 +28,19 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from runpod_worker.protocol import (
-    ImageItem,
-    build_batch_request,
-    build_single_request,
-    decode_embedding,
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_contract.codec import decode_embedding
+from heimdex_clip_contract.errors import (
+    AuthError,
+    ClipError,
+    ModelMismatchError,
+    NetworkError,
+    RemoteError,
+    RequestTimeoutError,
     error_from_dict,
     parse_remote_error,
 )
-
-from .config import Settings
-from .errors import AuthError, ClipError, ModelMismatchError, NetworkError, RemoteError, TimeoutError
+from heimdex_clip_contract.schema import ImageItem, build_batch_request, build_single_request
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +239,7 @@ class RunPodClient:
                 self._sleep(min(delay, remaining))
                 delay = min(cap, delay * 2)
                 body = self._poll_status(job_id, deadline)
-        except TimeoutError:
+        except RequestTimeoutError:
             # The retry submits a new job; without a cancel this one may still take a GPU (and bill it)
             # for a result nobody reads.
             if job_id is not None:
@@ -270,7 +272,7 @@ class RunPodClient:
         if status == "CANCELLED":
             raise RemoteError(f"RunPod job {job} was cancelled", retryable=False)
         if status == "TIMED_OUT":
-            raise TimeoutError(
+            raise RequestTimeoutError(
                 f"RunPod job {job} hit the endpoint's execution timeout; raise it in the RunPod console"
             )
         output = body.get("output")
@@ -322,8 +324,8 @@ class RunPodClient:
             )
         return body
 
-    def _timeout(self) -> TimeoutError:
-        return TimeoutError(f"Request timeout after {self.timeout_s}s")
+    def _timeout(self) -> RequestTimeoutError:
+        return RequestTimeoutError(f"Request timeout after {self.timeout_s}s")
 
     def _redact(self, text: str) -> str:
         for secret in (self._api_key, self._secret):

@@ -23,7 +23,7 @@ from scenedetect import AdaptiveDetector, ContentDetector, FrameTimecode, Thresh
 from scenedetect.detector import FlashFilter
 from scenedetect.scene_manager import compute_downscale_factor
 
-from heimdex_clip_assets.lib.errors import InvalidVideoError
+from heimdex_clip_contract.errors import InvalidVideoError
 
 Detector = Literal["content", "adaptive", "threshold"]
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .db import SceneRecord
+from heimdex_clip_assets.adapters.db import SceneRecord
 
 NORM_TOLERANCE = 1e-2  # fp16 on a GPU worker still lands within ~1e-3 of 1
 

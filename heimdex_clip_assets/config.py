@@ -8,6 +8,7 @@ A bad value is a :class:`ConfigError` naming the variable and what it accepts.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import json
@@ -17,9 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from runpod_worker.protocol import derive_model_version
-
-from .errors import ConfigError
+from heimdex_clip_contract.errors import ConfigError
+from heimdex_clip_contract.schema import derive_model_version
 
 Backend = Literal["runpod", "local", "off"]
 BACKENDS: tuple[str, ...] = ("runpod", "local", "off")
@@ -118,6 +118,10 @@ class Settings:
     sensor_max_runs: int
     backfill_cron: str
     backfill_max_runs: int
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with some fields changed (a CLI flag, a run's config)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
     @property
     def clip_dim(self) -> int:

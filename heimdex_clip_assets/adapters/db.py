@@ -1,6 +1,6 @@
 """The vector store: videos, their scenes and CLIP embeddings in PostgreSQL + pgvector.
 
-With ``DATABASE_URL`` unset an embedded PostgreSQL under ``HEIMDEX_HOME`` is used (see ``embedded.py``).
+With ``DATABASE_URL`` unset, ``services`` points it at an embedded PostgreSQL under ``HEIMDEX_HOME``.
 Every method opens a short connection: unix-socket connects cost about a millisecond, and no connection
 outlives a call, so a store can be shared by threads and handed to forked processes.
 """
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from importlib import resources
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 import psycopg
@@ -24,9 +23,7 @@ from psycopg.rows import dict_row
 from psycopg.types import TypeInfo
 from psycopg.types.json import Jsonb
 
-from .config import Settings
-from .embedded import embedded_postgres
-from .errors import DatabaseError, InvalidRequestError, ModelMismatchError, NotFoundError
+from heimdex_clip_contract.errors import DatabaseError, InvalidRequestError, ModelMismatchError, NotFoundError
 
 # Any constant works; it only has to be the same in every process that migrates this database.
 _MIGRATION_LOCK_KEY = 0x4845_494D_4445_58
@@ -103,23 +100,6 @@ class SearchHit:
     score: float
 
 
-# ------------------------------------------------------------------------------------ where the db is
-def resolve_database_url(settings: Settings) -> str:
-    """``DATABASE_URL``, or the embedded server's URI (started if it is not running)."""
-    if settings.database_url:
-        return settings.database_url
-    return embedded_postgres(settings.home).get_uri()
-
-
-def dagster_storage_url(settings: Settings) -> str:
-    """The same server as a dagster-postgres URL: psycopg2 is forced because SQLAlchemy 2.1 maps plain
-    ``postgresql://`` to psycopg 3, with which dagster's run-event NOTIFY fails."""
-    if settings.database_url:
-        return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg2://", settings.database_url)
-    socket_dir = psycopg.conninfo.conninfo_to_dict(embedded_postgres(settings.home).get_uri())["host"]
-    return f"postgresql+psycopg2://postgres@/postgres?host={quote(str(socket_dir), safe='/')}"
-
-
 # ---------------------------------------------------------------------------------------- migrations
 def _migrations() -> list[tuple[int, str, str]]:
     """(version, name, sql) for each ``migrations/NNNN_name.sql``, in order."""
@@ -140,11 +120,6 @@ class VectorStore:
         # The vector type's OID, looked up once: pgvector's register_vector costs four round trips on
         # every connection, more than the search itself.
         self._vector_type: TypeInfo | None = None
-
-    @classmethod
-    def from_settings(cls, settings: Settings, dim: int | None = None) -> VectorStore:
-        """The configured database, sized for the configured model (``CLIP_MODEL_NAME``) by default."""
-        return cls(resolve_database_url(settings), dim or settings.clip_dim)
 
     # ------------------------------------------------------------------------------------ plumbing
     def _where(self) -> str:
@@ -242,15 +217,6 @@ class VectorStore:
         with self._connect(vectors=False) as conn:
             row = conn.execute("SELECT * FROM videos WHERE id = %s", (video_id,)).fetchone()
         return None if row is None else VideoRecord(**{**row, "id": str(row["id"])})
-
-    def list_video_ids(self, status: str | None = None) -> list[str]:
-        with self._connect(vectors=False) as conn:
-            rows = conn.execute(
-                "SELECT id FROM videos WHERE %(status)s::text IS NULL OR status = %(status)s"
-                " ORDER BY created_at, id",
-                {"status": status},
-            ).fetchall()
-        return [str(row["id"]) for row in rows]
 
     def videos_registered_after(self, cursor: str | None, limit: int) -> list[RegisteredVideo]:
         """Videos registered after ``cursor`` (a previous result's ``.cursor``), oldest first.

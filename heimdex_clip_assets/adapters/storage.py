@@ -1,9 +1,9 @@
 """Object storage: one ``Storage`` interface, implemented on Supabase Storage through supabase-py.
 
-With ``SUPABASE_URL`` unset, :func:`open_storage` starts the embedded Supabase-compatible server and
-returns the same :class:`SupabaseStorage` pointed at it, so tests and local runs exercise the real
-client code. Client and HTTP failures become :class:`StorageError` / :class:`NotFoundError` with
-``retryable`` set: server errors and network trouble may pass, bad keys and missing objects will not.
+With ``SUPABASE_URL`` unset, ``services.storage`` starts the embedded Supabase-compatible server and
+points the same :class:`SupabaseStorage` at it, so tests and local runs exercise the real client code.
+Client and HTTP failures become :class:`StorageError` / :class:`NotFoundError` with ``retryable`` set:
+server errors and network trouble may pass, bad keys and missing objects will not.
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ import httpx
 from storage3.exceptions import StorageApiError
 from supabase import create_client
 
-from .config import Settings
-from .errors import NotFoundError, StorageError
-from .storage_server import ensure_storage_server
+from heimdex_clip_contract.errors import NotFoundError, StorageError
 
 T = TypeVar("T")
-_LIST_PAGE = 1000
 
 
 class Storage(Protocol):
@@ -37,10 +34,6 @@ class Storage(Protocol):
     def create_signed_urls(self, paths: Sequence[str], expires_in: int = 300) -> dict[str, str]: ...
 
     def exists(self, path: str) -> bool: ...
-
-    def list(self, prefix: str = "") -> list[str]:
-        """Full paths of the objects and sub-folders directly inside folder ``prefix`` (not recursive)."""
-        ...
 
 
 class SupabaseStorage:
@@ -114,25 +107,3 @@ class SupabaseStorage:
 
     def exists(self, path: str) -> bool:
         return self._call(f"check {path}", lambda: self._files.exists(path))
-
-    def list(self, prefix: str = "") -> list[str]:
-        folder = prefix.strip("/")
-        names: list[str] = []
-        while True:
-            offset = len(names)
-            page = self._call(
-                f"list {folder or '/'}",
-                lambda: self._files.list(folder, {"limit": _LIST_PAGE, "offset": offset}),  # noqa: B023
-            )
-            names += [entry["name"] for entry in page]
-            if len(page) < _LIST_PAGE:
-                break
-        return [f"{folder}/{name}" if folder else name for name in names]
-
-
-def open_storage(settings: Settings) -> Storage:
-    """Supabase at ``SUPABASE_URL``, or (unset) the embedded server under ``HEIMDEX_HOME``."""
-    if settings.supabase_url and settings.supabase_key:
-        return SupabaseStorage(settings.supabase_url, settings.supabase_key, settings.bucket)
-    embedded = ensure_storage_server(settings.home)
-    return SupabaseStorage(embedded.url, embedded.service_key, settings.bucket)

@@ -6,7 +6,7 @@ one ``SupabaseStorage`` code path in both cases, and the worker fetches signed U
 from Supabase. It runs as a detached process shared by every pipeline process
 (:func:`ensure_storage_server`), or as a command::
 
-    python -m heimdex_clip_assets.lib.storage_server --root DIR --port 8787
+    python -m heimdex_clip_assets.devservices.storage_server --root DIR --port 8787
 
 Security mirrors Supabase: every route but signed-URL downloads needs the service key; signed URLs
 carry an HS256 JWT bound to one object and an expiry; object paths cannot leave their bucket.
@@ -41,8 +41,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .embedded import private_dir
-from .errors import StorageError
+from heimdex_clip_assets.devservices.postgres import private_dir
+from heimdex_clip_contract.errors import StorageError
 
 PREFIX = "/storage/v1"
 SERVICE_KEY_ENV = "HEIMDEX_STORAGE_SERVICE_KEY"

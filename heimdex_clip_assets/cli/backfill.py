@@ -1,54 +1,39 @@
-"""``heimdex-clip backfill``: embed every scene that lacks a current embedding, resumably.
-
-Work is committed per batch (one transaction each), so a crash or Ctrl-C loses at most one batch, and
-running the same command again continues where it stopped. ``--force-regenerate`` re-embeds every
-scene: its start time is kept in ``HEIMDEX_HOME/backfill.json`` so a resumed forced run skips the
-scenes it already redid (their metadata carries ``embedded_at``).
-"""
+"""``heimdex-clip backfill``: a progress bar over the backfill, and a line per failure."""
 
 from __future__ import annotations
 
-import json
-import time
+import argparse
 from collections import defaultdict
-from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from . import pipeline, services
-from .config import Settings
-from .db import SceneRecord
-from .errors import ConfigError
+from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.db import SceneRecord
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.pipeline import embed
+from heimdex_clip_assets.pipeline.backfill import ForcedRun
+from heimdex_clip_contract.errors import ConfigError
+
+from .common import (
+    console,
+    settings_from_args,
+)
 
 
-@dataclass
-class ForcedRun:
-    """The marker of a forced regeneration in progress."""
-
-    model_version: str
-    started_at: float
-
-    @staticmethod
-    def path(settings: Settings) -> Path:
-        return settings.home / "backfill.json"
-
-    @classmethod
-    def load_or_start(cls, settings: Settings) -> ForcedRun:
-        path = cls.path(settings)
-        if path.exists():
-            data = json.loads(path.read_text())
-            if data.get("model_version") == settings.clip_model_version:
-                return cls(data["model_version"], float(data["started_at"]))
-        run = cls(settings.clip_model_version, time.time())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"model_version": run.model_version, "started_at": run.started_at}))
-        return run
-
-    def pending(self, scene: SceneRecord) -> bool:
-        embedded_at = (scene.metadata or {}).get("embedded_at")
-        return scene.embedding is None or embedded_at is None or float(embedded_at) < self.started_at
+def cmd_backfill(args: argparse.Namespace) -> int:
+    settings = (
+        settings_from_args(args).replace(runpod_timeout_s=args.clip_timeout)
+        if args.clip_timeout
+        else settings_from_args(args)
+    )
+    return run_backfill(
+        settings,
+        batch_size=args.batch_size,
+        force=args.force_regenerate,
+        dry_run=args.dry_run,
+        console=console,
+    )
 
 
 def run_backfill(settings: Settings, *, batch_size: int, force: bool, dry_run: bool, console: Console) -> int:
@@ -87,7 +72,7 @@ def run_backfill(settings: Settings, *, batch_size: int, force: bool, dry_run: b
         task = progress.add_task("embedding", total=len(scenes))
         for items in by_video.values():
             for start in range(0, len(items), batch_size):
-                report = pipeline.embed_scenes(
+                report = embed.embed_scenes(
                     items[start : start + batch_size],
                     store=store,
                     storage=storage,

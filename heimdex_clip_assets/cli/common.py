@@ -1,0 +1,109 @@
+"""What every command shares: the consoles, settings from flags, and running a partition in-process."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from heimdex_clip_assets import services
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_contract.errors import ClipError, ConfigError, NotFoundError
+
+console = Console()
+err_console = Console(stderr=True)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# The seed's Step 7 query, verbatim but for the id placeholder.
+STEP7_SQL = """SELECT
+  id,
+  index,
+  embedding_visual_clip IS NOT NULL as has_clip,
+  visual_clip_metadata->>'backend' as backend,
+  visual_clip_metadata->>'inference_time_ms' as inference_ms
+FROM video_scenes
+WHERE video_id = %s
+ORDER BY index;"""
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(backend=getattr(args, "backend", None))
+
+
+def dagster_env(settings: Settings) -> dict[str, str]:
+    """The variables ``dagster.yaml`` needs, defaulting to the embedded Postgres and the state folder."""
+    from heimdex_clip_assets.services import dagster_storage_url
+
+    env = {
+        "DAGSTER_HOME": os.environ.get("DAGSTER_HOME") or str(REPO_ROOT),
+        "DAGSTER_PG_URL": os.environ.get("DAGSTER_PG_URL") or dagster_storage_url(settings),
+        "DAGSTER_ARTIFACTS_DIR": os.environ.get("DAGSTER_ARTIFACTS_DIR") or str(settings.home / "dagster"),
+    }
+    if not (Path(env["DAGSTER_HOME"]) / "dagster.yaml").is_file():
+        raise ConfigError(
+            f"No dagster.yaml in DAGSTER_HOME={env['DAGSTER_HOME']}; point DAGSTER_HOME at the folder "
+            "holding the project's dagster.yaml"
+        )
+    return env
+
+
+def materialize_video(video_id: str, settings: Settings) -> None:
+    """Run every asset (and check) of one video's partition now, in this process."""
+    import dagster as dg
+
+    from heimdex_clip_assets.definitions import defs
+    from heimdex_clip_assets.defs.partitions import videos_partitions
+
+    store = services.vector_store(settings)
+    if store.get_video(video_id) is None:
+        raise NotFoundError(f"Unknown video id {video_id}; add it first with `heimdex-clip add-video FILE`")
+    os.environ.update(dagster_env(settings))
+    instance = dg.DagsterInstance.get()
+    instance.add_dynamic_partitions(videos_partitions.name, [video_id])
+    result = defs.resolve_job_def("ingest_video").execute_in_process(
+        partition_key=video_id,
+        instance=instance,
+        raise_on_error=False,
+        run_config={
+            # The command's backend (a --backend flag included) for the assets and the checks alike.
+            "resources": {"clip": {"config": {"backend": settings.clip_backend}}},
+            # The command prints its own results and one-sentence errors; Dagster's console log would add
+            # every step event and, on failure, a traceback. The run's full log stays in the instance.
+            "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+        },
+    )
+    if not result.success:
+        raise ClipError(_run_failure_message(result))
+
+
+def _run_failure_message(result: Any) -> str:
+    """The first failed step's description: the assets turn our errors into failures that say what to
+    do; anything else is a bug, whose details are in the run's logs."""
+    for event in result.all_events:
+        if event.is_step_failure:
+            data = event.step_failure_data
+            if data.user_failure_data and data.user_failure_data.description:
+                return data.user_failure_data.description
+            return f"Step {event.step_key} failed unexpectedly: {data.error.message.strip()}"
+    return "The run failed; open the Dagster UI (`heimdex-clip dev`) for its logs"
+
+
+def print_scenes(settings: Settings, video_id: str) -> None:
+    table = Table(title=f"video {video_id}")
+    for column in ("scene", "time", "has_clip", "backend", "inference_ms", "thumbnail"):
+        table.add_column(column)
+    for scene in services.vector_store(settings).scenes(video_id):
+        meta = scene.metadata or {}
+        table.add_row(
+            str(scene.index),
+            f"{scene.start_s:.2f}-{scene.end_s:.2f}s",
+            "true" if scene.embedding is not None else "false",
+            str(meta.get("backend", "-")),
+            f"{float(meta['inference_time_ms']):.1f}" if "inference_time_ms" in meta else "-",
+            scene.thumbnail_path,
+        )
+    console.print(table)

@@ -1,0 +1,83 @@
+"""Commands on videos: add-video, process-video, demo."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from rich.table import Table
+
+from heimdex_clip_assets import services
+from heimdex_clip_assets.pipeline import register
+
+from .common import (
+    STEP7_SQL,
+    console,
+    materialize_video,
+    print_scenes,
+    settings_from_args,
+)
+
+
+def cmd_add_video(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    store, storage = services.vector_store(settings), services.storage(settings)
+    for path in args.paths:
+        video_id = register.register_video(Path(path), store=store, storage=storage)
+        console.print(f"{video_id}  {path}")
+    console.print(
+        "Registered. The sensor of `heimdex-clip dev` picks them up, or run "
+        "`heimdex-clip process-video --video-id ID` now."
+    )
+    return 0
+
+
+def cmd_process_video(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    materialize_video(args.video_id, settings)
+    print_scenes(settings, args.video_id)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from heimdex_clip_assets.devservices.sample_video import generate_sample_video
+
+    settings = settings_from_args(args)
+    if args.video:
+        video = Path(args.video)
+    else:
+        video = settings.home / "samples" / f"sample-{args.scenes}x{args.scene_seconds:g}s.mp4"
+        if not video.exists():
+            video.parent.mkdir(parents=True, exist_ok=True)
+            console.print(f"Generating a sample 720p video with {args.scenes} scenes: {video}")
+            generate_sample_video(video, scenes=args.scenes, scene_seconds=args.scene_seconds)
+    started = time.perf_counter()
+    store, storage = services.vector_store(settings), services.storage(settings)
+    video_id = register.register_video(video, store=store, storage=storage)
+    console.print(
+        f"Video {video_id} registered; running scene_keyframes -> scene_signed_urls -> "
+        f"scene_clip_embeddings (backend={settings.clip_backend})"
+    )
+    materialize_video(video_id, settings)
+    wall = time.perf_counter() - started
+    rows = store.query(STEP7_SQL, (video_id,))
+    table = Table(title="Step 7: video_scenes")
+    for column in ("scene", "has_clip", "backend", "inference_ms"):
+        table.add_column(column)
+    for row in rows:
+        ms = row["inference_ms"]
+        table.add_row(
+            str(row["index"]),
+            str(row["has_clip"]).lower(),
+            str(row["backend"]),
+            f"{float(ms):.1f}" if ms is not None else "-",
+        )
+    console.print(table)
+    video_rec = store.get_video(video_id)
+    duration = video_rec.duration_s if video_rec and video_rec.duration_s else 0.0
+    console.print(
+        f"{len(rows)} scenes from {duration:.1f}s of video in {wall:.1f}s "
+        f"({duration / wall if wall else 0:.1f}x realtime)"
+    )
+    return 0

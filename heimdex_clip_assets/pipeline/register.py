@@ -1,0 +1,92 @@
+"""Registering videos: a local file is uploaded to storage and recorded in the videos table."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import mimetypes
+import time
+import uuid
+from pathlib import Path
+
+from heimdex_clip_contract.errors import InvalidVideoError, NotFoundError
+
+from ..adapters.db import VectorStore, VideoRecord
+from ..adapters.storage import Storage
+from ..domain.scenes import probe_video
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
+# A fixed namespace makes a video's id a function of its bytes: registering the same file twice (the
+# sensor on two ticks, or `add-video` and the inbox) yields one video, not two.
+VIDEO_ID_NAMESPACE = uuid.UUID("6f1c1a52-3c55-4f0e-9a57-1f3a4f6c8e21")
+
+
+def video_storage_path(video_id: str, filename: str) -> str:
+    return f"videos/{video_id}/{filename}"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def register_video(path: Path, *, store: VectorStore, storage: Storage) -> str:
+    """Upload a local video file and record it; returns its id (stable for the same bytes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise NotFoundError(f"No such file: {path}; check the path")
+    if path.stat().st_size == 0:
+        raise InvalidVideoError(f"'{path.name}' is empty; pass a video file")
+    info = probe_video(path)  # refuse non-videos before anything is stored
+    video_id = str(uuid.uuid5(VIDEO_ID_NAMESPACE, file_sha256(path)))
+    if store.get_video(video_id) is not None:
+        return video_id
+    storage_path = video_storage_path(video_id, path.name)
+    content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    storage.upload(storage_path, path.read_bytes(), content_type=content_type, upsert=True)
+    store.upsert_video(
+        VideoRecord(
+            id=video_id,
+            storage_path=storage_path,
+            filename=path.name,
+            duration_s=info.duration_s,
+            fps=info.fps,
+            width=info.width,
+            height=info.height,
+            status="registered",
+        )
+    )
+    return video_id
+
+
+def scan_inbox(inbox: Path, *, store: VectorStore, storage: Storage, settle_s: float = 10.0) -> list[str]:
+    """Register every video file dropped in ``inbox`` and move it to ``inbox/registered``.
+
+    Files that are not videos move to ``inbox/rejected`` with a ``.error.txt`` beside them, so one
+    bad file never blocks the inbox or gets retried on every tick. A file modified in the last
+    ``settle_s`` seconds, or hidden (``.name``, as rsync and many uploaders write), may still be being
+    copied: it waits for a later tick rather than being registered truncated.
+    """
+    inbox.mkdir(parents=True, exist_ok=True)
+    ids = []
+    now = time.time()
+    for path in sorted(inbox.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in VIDEO_EXTENSIONS:
+            continue
+        if now - path.stat().st_mtime < settle_s:
+            continue
+        try:
+            ids.append(register_video(path, store=store, storage=storage))
+            dest = inbox / "registered"
+        except InvalidVideoError as exc:
+            dest = inbox / "rejected"
+            dest.mkdir(exist_ok=True)
+            (dest / f"{path.name}.error.txt").write_text(exc.message + "\n")
+        dest.mkdir(exist_ok=True)
+        path.replace(dest / path.name)
+    return ids

@@ -1,0 +1,99 @@
+"""Where the embedded defaults are chosen, and one instance per process of each service object.
+
+The only module that reaches ``devservices``: with ``DATABASE_URL`` / ``SUPABASE_URL`` unset it starts
+(or re-attaches to) the embedded PostgreSQL and storage server under ``HEIMDEX_HOME``; set, the same
+adapters talk to the real services.
+
+Dagster builds resources per step and the CLI per command; both come here, so the CLIP model loads
+once per process, the embedded servers are found once, and migrations run once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import threading
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+import psycopg
+
+from heimdex_clip_assets.adapters.clip_backends import ClipBackend, make_backend, settings_encoder
+from heimdex_clip_assets.adapters.db import VectorStore
+from heimdex_clip_assets.adapters.storage import Storage, SupabaseStorage
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.devservices.postgres import embedded_postgres
+from heimdex_clip_assets.devservices.storage_server import ensure_storage_server, stop_storage_server
+from heimdex_clip_contract.errors import ClipError
+
+if TYPE_CHECKING:  # importing the encoder imports torch (~4 s): only what embeds should pay for it
+    from runpod_worker.encoder import ClipEncoder
+
+
+def resolve_database_url(settings: Settings) -> str:
+    """``DATABASE_URL``, or the embedded server's URI (started if it is not running)."""
+    if settings.database_url:
+        return settings.database_url
+    return embedded_postgres(settings.home).get_uri()
+
+
+def dagster_storage_url(settings: Settings) -> str:
+    """The same server as a dagster-postgres URL: psycopg2 is forced because SQLAlchemy 2.1 maps plain
+    ``postgresql://`` to psycopg 3, with which dagster's run-event NOTIFY fails."""
+    if settings.database_url:
+        return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg2://", settings.database_url)
+    socket_dir = psycopg.conninfo.conninfo_to_dict(embedded_postgres(settings.home).get_uri())["host"]
+    return f"postgresql+psycopg2://postgres@/postgres?host={quote(str(socket_dir), safe='/')}"
+
+
+def open_storage(settings: Settings) -> Storage:
+    """Supabase at ``SUPABASE_URL``, or (unset) the embedded server under ``HEIMDEX_HOME``."""
+    if settings.supabase_url and settings.supabase_key:
+        return SupabaseStorage(settings.supabase_url, settings.supabase_key, settings.bucket)
+    embedded = ensure_storage_server(settings.home)
+    return SupabaseStorage(embedded.url, embedded.service_key, settings.bucket)
+
+
+@functools.cache
+def vector_store(settings: Settings) -> VectorStore:
+    store = VectorStore(resolve_database_url(settings), dim=settings.clip_dim)
+    store.migrate()
+    return store
+
+
+@functools.cache
+def storage(settings: Settings) -> Storage:
+    return open_storage(settings)
+
+
+@functools.cache
+def clip_backend(settings: Settings, storage: Storage) -> ClipBackend:
+    return make_backend(settings, storage)
+
+
+def text_image_encoder(settings: Settings) -> ClipEncoder:
+    """The in-process encoder (search's text tower, the local backend): one per process."""
+    return settings_encoder(settings)
+
+
+def preload_encoder(settings: Settings) -> None:
+    """Import torch and load the local backend's model in a background thread; whoever needs it next
+    finds it loaded, or waits on the same lock."""
+    if settings.clip_backend != "local":
+        return
+
+    def load() -> None:
+        # A failure here is raised again, as a one-line error, by the step that needs the model.
+        with contextlib.suppress(ClipError):
+            settings_encoder(settings)
+
+    threading.Thread(target=load, name="clip-preload", daemon=True).start()
+
+
+def stop_embedded(settings: Settings) -> None:
+    """Stop the embedded storage server and Postgres of ``settings.home`` (the next use restarts them)."""
+    if settings.embedded_storage:
+        stop_storage_server(settings.home)
+    if settings.embedded_db:
+        embedded_postgres(settings.home).stop()

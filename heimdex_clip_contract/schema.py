@@ -1,0 +1,182 @@
+"""Job inputs: parsing (worker) and building (client), and the model-version label.
+
+Single image (the guide's v1 shape)::
+
+    {"image_url": str, "request_id": str?, "normalize": bool = true, "model": str?,
+     "encoding": "json" | "base64" = "json", "auth": {"ts": int, "sig": hex}}
+
+Batch, several images in one job::
+
+    {"images": [{"image_url": str, "request_id": str?}, ...], "normalize": bool = true,
+     "model": str?, "encoding": ..., "auth": {"ts": int, "sig": hex}}
+
+``model``, when given, must equal the worker's ``CLIP_MODEL_NAME``; otherwise ``model_mismatch``.
+
+Responses (the job ``output``): single ``{"embedding", "dim", "model", "pretrained", "model_version",
+"request_id", "encoding", "timings": {"download_ms", "inference_ms", "total_ms"}}``; batch the same model
+fields plus ``results``, one per image in request order, each ``{"request_id", "embedding", "timings"}``
+or ``{"request_id", "error": {code, message, retryable}}``.
+"""
+
+from __future__ import annotations
+
+import os.path
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .codec import ENCODINGS, Encoding
+from .errors import AuthError, InvalidRequestError
+from .signing import batch_message, sign_batch, sign_single, single_message, validate_url_text
+
+MAX_BATCH_ITEMS = 512
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    image_url: str
+    request_id: str | None = None
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """A parsed job input: one image (``batch=False``) or several."""
+
+    items: tuple[ImageItem, ...]
+    batch: bool
+    ts: Any
+    sig: Any
+    normalize: bool = True
+    model: str | None = None
+    encoding: Encoding = "json"
+
+    @property
+    def message(self) -> str:
+        if self.batch:
+            return batch_message([i.image_url for i in self.items], self.ts)
+        return single_message(self.items[0].image_url, self.ts)
+
+
+def _opt_str(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{name} must be a string")
+    return value
+
+
+def parse_request(job_input: Any) -> EmbedRequest:
+    """Validate a job input; raises :class:`InvalidRequestError` (or :class:`AuthError` if no auth)."""
+    if not isinstance(job_input, Mapping):
+        raise InvalidRequestError("job input must be a JSON object")
+    auth = job_input.get("auth")
+    if not isinstance(auth, Mapping):
+        raise AuthError("Authentication failed: missing auth {ts, sig}")
+    normalize = job_input.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise InvalidRequestError("normalize must be true or false")
+    encoding = job_input.get("encoding", "json")
+    if encoding not in ENCODINGS:
+        raise InvalidRequestError(f"encoding must be one of {', '.join(ENCODINGS)}")
+    model = _opt_str(job_input.get("model"), "model")
+
+    if "images" in job_input:
+        if "image_url" in job_input:
+            raise InvalidRequestError("send either image_url or images, not both")
+        raw = job_input["images"]
+        if not isinstance(raw, list) or not raw:
+            raise InvalidRequestError("images must be a non-empty list")
+        if len(raw) > MAX_BATCH_ITEMS:
+            raise InvalidRequestError(f"a batch holds at most {MAX_BATCH_ITEMS} images, got {len(raw)}")
+        items = []
+        for entry in raw:
+            if not isinstance(entry, Mapping):
+                raise InvalidRequestError("each images[] entry must be an object with image_url")
+            items.append(
+                ImageItem(
+                    validate_url_text(entry.get("image_url")),
+                    _opt_str(entry.get("request_id"), "request_id"),
+                )
+            )
+        batch = True
+    else:
+        items = [
+            ImageItem(
+                validate_url_text(job_input.get("image_url")),
+                _opt_str(job_input.get("request_id"), "request_id"),
+            )
+        ]
+        batch = False
+    return EmbedRequest(
+        items=tuple(items),
+        batch=batch,
+        ts=auth.get("ts"),
+        sig=auth.get("sig"),
+        normalize=normalize,
+        model=model,
+        encoding=encoding,
+    )
+
+
+def build_single_request(
+    image_url: str,
+    secret: str,
+    *,
+    request_id: str | None = None,
+    model: str | None = None,
+    normalize: bool = True,
+    encoding: Encoding = "json",
+    ts: int | None = None,
+) -> dict[str, Any]:
+    ts = int(time.time()) if ts is None else ts
+    body: dict[str, Any] = {
+        "image_url": validate_url_text(image_url),
+        "normalize": normalize,
+        "encoding": encoding,
+        "auth": {"ts": ts, "sig": sign_single(image_url, ts, secret)},
+    }
+    if request_id is not None:
+        body["request_id"] = request_id
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def build_batch_request(
+    items: Iterable[ImageItem],
+    secret: str,
+    *,
+    model: str | None = None,
+    normalize: bool = True,
+    encoding: Encoding = "base64",
+    ts: int | None = None,
+) -> dict[str, Any]:
+    items = list(items)
+    ts = int(time.time()) if ts is None else ts
+    urls = [validate_url_text(i.image_url) for i in items]
+    body: dict[str, Any] = {
+        "images": [
+            {"image_url": i.image_url, **({"request_id": i.request_id} if i.request_id else {})}
+            for i in items
+        ],
+        "normalize": normalize,
+        "encoding": encoding,
+        "auth": {"ts": ts, "sig": sign_batch(urls, ts, secret)},
+    }
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def derive_model_version(model_name: str, pretrained: str) -> str:
+    """A stable label for (architecture, weights), used when ``CLIP_MODEL_VERSION`` is not set.
+
+    ``ViT-B-32`` + ``openai`` gives ``openai-vit-b-32-v1``, the seed's example value. A file path
+    uses the file's stem, so the worker and the in-process backend agree when they load one file.
+    """
+
+    tag = pretrained
+    if os.path.sep in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth")):
+        tag = os.path.splitext(os.path.basename(pretrained))[0]
+    return f"{tag}-{model_name}-v1".lower().replace("_", "-")
