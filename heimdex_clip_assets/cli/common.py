@@ -64,17 +64,21 @@ def materialize_video(video_id: str, settings: Settings) -> None:
     os.environ.update(dagster_env(settings))
     instance = dg.DagsterInstance.get()
     instance.add_dynamic_partitions(videos_partitions.name, [video_id])
-    result = defs.resolve_job_def("ingest_video").execute_in_process(
-        partition_key=video_id,
-        instance=instance,
-        raise_on_error=False,
-        run_config={
-            # The command's backend (a --backend flag included) for the assets and the checks alike.
-            "resources": {"clip": {"config": {"backend": settings.clip_backend}}},
-            # The command prints its own results and one-sentence errors; Dagster's console log would add
-            # every step event and, on failure, a traceback. The run's full log stays in the instance.
-            "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
-        },
+    result = (
+        defs()
+        .resolve_job_def("ingest_video")
+        .execute_in_process(
+            partition_key=video_id,
+            instance=instance,
+            raise_on_error=False,
+            run_config={
+                # The command's backend (a --backend flag included) for the assets and the checks alike.
+                "resources": {"clip": {"config": {"backend": settings.clip_backend}}},
+                # The command prints its own results and one-sentence errors; Dagster's console log would add
+                # every step event and, on failure, a traceback. The run's full log stays in the instance.
+                "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+            },
+        )
     )
     if not result.success:
         raise ClipError(_run_failure_message(result))

@@ -7,7 +7,6 @@ The heavy objects (the database connection info, the storage client, the CLIP mo
 process by ``heimdex_clip_assets.services`` and shared by every step and run in it.
 """
 
-
 import dagster as dg
 from pydantic import Field
 
@@ -68,3 +67,17 @@ class ClipInferenceResource(dg.ConfigurableResource):
     def preload(self) -> None:
         """Start loading the in-process model (local backend) without waiting for it."""
         services.preload_encoder(self.settings())
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    # One video per run and one process per run: the multiprocess executor would add ~3 s per step for
+    # no gain. Runs for different videos still overlap, up to the run queue's limit.
+    return dg.Definitions(
+        resources={
+            "db": VectorStoreResource(),
+            "storage": StorageResource(),
+            "clip": ClipInferenceResource(),
+        },
+        executor=dg.in_process_executor,
+    )

@@ -34,8 +34,10 @@ def materialize(instance: dg.DagsterInstance) -> Materialize:
 
     def run(video_id: str, job: str = "ingest_video", **kwargs: object) -> dg.ExecuteInProcessResult:
         instance.add_dynamic_partitions("videos", [video_id])
-        return defs.resolve_job_def(job).execute_in_process(
-            partition_key=video_id, instance=instance, raise_on_error=False, **kwargs
+        return (
+            defs()
+            .resolve_job_def(job)
+            .execute_in_process(partition_key=video_id, instance=instance, raise_on_error=False, **kwargs)
         )
 
     return run

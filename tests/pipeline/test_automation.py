@@ -170,9 +170,13 @@ def test_asset_check_fails_in_dagster_on_a_bad_vector(
     store = services.vector_store(local_env)
     scene = store.scenes(video_id)[0]
     store.write_embeddings(video_id, [EmbeddingRow(0, scene.embedding * 2, {**scene.metadata})])
-    job = defs.resolve_implicit_global_asset_job_def().get_subset(
-        asset_check_selection={dg.AssetCheckKey(dg.AssetKey("scene_clip_embeddings"), "norms_are_unit")},
-        asset_selection=set(),
+    job = (
+        defs()
+        .resolve_implicit_global_asset_job_def()
+        .get_subset(
+            asset_check_selection={dg.AssetCheckKey(dg.AssetKey("scene_clip_embeddings"), "norms_are_unit")},
+            asset_selection=set(),
+        )
     )
     result = job.execute_in_process(partition_key=video_id, instance=instance, raise_on_error=False)
     (evaluation,) = result.get_asset_check_evaluations()

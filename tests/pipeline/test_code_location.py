@@ -42,7 +42,7 @@ def test_code_location_validates_without_warnings(dagster_yaml_env: dict[str, st
             "-W",
             "always",
             "-c",
-            "import heimdex_clip_assets.definitions as d; d.defs.get_repository_def()",
+            "import heimdex_clip_assets.definitions as d; d.defs().get_repository_def()",
         ],
         env=env,
         cwd=ROOT,
