@@ -35,20 +35,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def dagster_env(settings: Settings) -> dict[str, str]:
-    """The variables ``dagster.yaml`` needs, defaulting to the embedded Postgres and the state folder."""
-    from heimdex_clip_assets.services import dagster_storage_url
-
-    env = {
-        "DAGSTER_HOME": os.environ.get("DAGSTER_HOME") or str(REPO_ROOT),
-        "DAGSTER_PG_URL": os.environ.get("DAGSTER_PG_URL") or dagster_storage_url(settings),
-        "DAGSTER_ARTIFACTS_DIR": os.environ.get("DAGSTER_ARTIFACTS_DIR") or str(settings.home / "dagster"),
-    }
-    if not (Path(env["DAGSTER_HOME"]) / "dagster.yaml").is_file():
+    """The instance to use: the project's ``dagster.yaml`` (unless ``DAGSTER_HOME`` names another), which
+    finds Postgres and the artifacts folder from the same settings as the pipeline."""
+    home = os.environ.get("DAGSTER_HOME") or str(REPO_ROOT)
+    if not (Path(home) / "dagster.yaml").is_file():
         raise ConfigError(
-            f"No dagster.yaml in DAGSTER_HOME={env['DAGSTER_HOME']}; point DAGSTER_HOME at the folder "
-            "holding the project's dagster.yaml"
+            f"No dagster.yaml in DAGSTER_HOME={home}; point DAGSTER_HOME at the folder holding the "
+            "project's dagster.yaml"
         )
-    return env
+    return {"DAGSTER_HOME": home, "HEIMDEX_HOME": str(settings.home)}
 
 
 def materialize_video(video_id: str, settings: Settings) -> None:

@@ -25,19 +25,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
     services.vector_store(settings)  # starts the embedded Postgres (and migrates) if needed
     services.storage(settings)  # starts the embedded storage server if needed
     env = {**os.environ, **dagster_env(settings)}
-    Path(env["DAGSTER_ARTIFACTS_DIR"]).mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "dagster",
-        "dev",
-        "-w",
-        str(REPO_ROOT / "workspace.yaml"),
-        "-h",
-        args.host,
-        "-p",
-        str(args.port),
-    ]
+    # `dg dev`, the current Dagster CLI (pyproject's [tool.dg]); `dagster dev` warns that it is superseded.
+    command = [str(Path(sys.executable).parent / "dg"), "dev", "--host", args.host, "--port", str(args.port)]
     console.print(f"Dagster UI on http://{args.host}:{args.port}  (Ctrl-C stops it)")
     # Its own process group: the terminal's Ctrl-C reaches only us, and we pass it on to the whole group
     # (webserver, daemon, code servers) so nothing is left running, then wait for a clean shutdown.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster_postgres import PostgresRunStorage
 from psycopg.conninfo import conninfo_to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +29,8 @@ def dagster_yaml_env(pg_database: str, tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_instance_from_project_dagster_yaml(dagster_yaml_env: dict[str, str]) -> None:
     with dg.DagsterInstance.from_config(str(ROOT)) as instance:
-        assert type(instance.run_storage).__name__ == "PostgresRunStorage"
+        assert isinstance(instance.run_storage, PostgresRunStorage)
+        assert instance.run_storage.postgres_url == dagster_yaml_env["DAGSTER_PG_URL"]
         instance.add_dynamic_partitions("videos", ["v1", "v2"])
         assert instance.get_dynamic_partitions("videos") == ["v1", "v2"]
         assert instance.get_concurrency_config().pool_config.default_pool_limit == 3
@@ -52,12 +54,33 @@ def test_code_location_validates_without_warnings(dagster_yaml_env: dict[str, st
     )
     assert loaded.returncode == 0, loaded.stderr
     assert "Warning" not in loaded.stderr, loaded.stderr
-    validated = subprocess.run(
-        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
+
+
+def _bare_env(tmp_path: Path) -> dict[str, str]:
+    """What a Dagster user's shell has: no DAGSTER_* or project variables (a tmp HEIMDEX_HOME keeps the
+    embedded services out of the repository)."""
+    env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH", "HF_HUB_OFFLINE") if k in os.environ}
+    return {**env, "HEIMDEX_HOME": str(tmp_path / "home")}
+
+
+@pytest.mark.parametrize(
+    ("command", "passed"),
+    [
+        (["-m", "dagster", "definitions", "validate"], "All code locations passed validation"),
+        (["dg", "check", "defs"], "All definitions loaded successfully"),
+    ],
+    ids=["dagster-definitions-validate", "dg-check-defs"],
+)
+def test_plain_dagster_commands_work_in_the_repo_root_with_no_variables(
+    tmp_path: Path, command: list[str], passed: str
+) -> None:
+    argv = (
+        [sys.executable, *command]
+        if command[0] == "-m"
+        else [str(Path(sys.executable).parent / "dg"), *command[1:]]
     )
-    assert "All code locations passed validation" in validated.stdout + validated.stderr
+    result = subprocess.run(
+        argv, env=_bare_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=180
+    )
+    assert passed in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "DAGSTER_PG_URL" not in result.stdout + result.stderr
