@@ -11,6 +11,8 @@ Batch, several images in one job::
      "model": str?, "encoding": ..., "auth": {"ts": int, "sig": hex}}
 
 ``model``, when given, must equal the worker's ``CLIP_MODEL_NAME``; otherwise ``model_mismatch``.
+``auth`` is ``{"v": 2, "ts", "nonce", "sig"}`` (the whole request signed, see :mod:`.signing`) or the
+guide's ``{"ts", "sig"}`` (version 1, URLs only).
 
 Responses (the job ``output``): single ``{"embedding", "dim", "model", "pretrained", "model_version",
 "request_id", "encoding", "timings": {"download_ms", "inference_ms", "total_ms"}}``; batch the same model
@@ -28,7 +30,18 @@ from typing import Any
 
 from .codec import ENCODINGS, Encoding
 from .errors import AuthError, InvalidRequestError
-from .signing import batch_message, sign_batch, sign_single, single_message, validate_url_text
+from .signing import (
+    LATEST_SIGNATURE_VERSION,
+    SIGNATURE_VERSIONS,
+    batch_message,
+    check_nonce,
+    request_message,
+    sign_batch,
+    sign_request,
+    sign_single,
+    single_message,
+    validate_url_text,
+)
 
 MAX_BATCH_ITEMS = 512
 
@@ -50,12 +63,10 @@ class EmbedRequest:
     normalize: bool = True
     model: str | None = None
     encoding: Encoding = "json"
-
-    @property
-    def message(self) -> str:
-        if self.batch:
-            return batch_message([i.image_url for i in self.items], self.ts)
-        return single_message(self.items[0].image_url, self.ts)
+    version: int = 1
+    nonce: str | None = None
+    # The signed text: version 2 covers the whole input, version 1 only the URLs and ts.
+    message: str = ""
 
 
 def _opt_str(value: Any, name: str) -> str | None:
@@ -73,6 +84,11 @@ def parse_request(job_input: Any) -> EmbedRequest:
     auth = job_input.get("auth")
     if not isinstance(auth, Mapping):
         raise AuthError("Authentication failed: missing auth {ts, sig}")
+    version = auth.get("v", 1)
+    if isinstance(version, bool) or version not in SIGNATURE_VERSIONS:
+        raise AuthError(
+            f"Authentication failed: auth.v must be one of {', '.join(map(str, SIGNATURE_VERSIONS))}"
+        )
     normalize = job_input.get("normalize", True)
     if not isinstance(normalize, bool):
         raise InvalidRequestError("normalize must be true or false")
@@ -108,14 +124,25 @@ def parse_request(job_input: Any) -> EmbedRequest:
             )
         ]
         batch = False
+    ts = auth.get("ts")
+    if version == 2:
+        nonce: str | None = check_nonce(auth.get("nonce"))
+        message = request_message(job_input)
+    else:
+        nonce = None
+        urls = [i.image_url for i in items]
+        message = batch_message(urls, ts) if batch else single_message(urls[0], ts)
     return EmbedRequest(
         items=tuple(items),
         batch=batch,
-        ts=auth.get("ts"),
+        ts=ts,
         sig=auth.get("sig"),
         normalize=normalize,
         model=model,
         encoding=encoding,
+        version=version,
+        nonce=nonce,
+        message=message,
     )
 
 
@@ -128,19 +155,23 @@ def build_single_request(
     normalize: bool = True,
     encoding: Encoding = "json",
     ts: int | None = None,
+    version: int = LATEST_SIGNATURE_VERSION,
 ) -> dict[str, Any]:
+    """The guide's single-image input; ``version=1`` signs it as the guide does (any worker accepts
+    that), version 2 signs every field."""
     ts = int(time.time()) if ts is None else ts
     body: dict[str, Any] = {
         "image_url": validate_url_text(image_url),
         "normalize": normalize,
         "encoding": encoding,
-        "auth": {"ts": ts, "sig": sign_single(image_url, ts, secret)},
     }
     if request_id is not None:
         body["request_id"] = request_id
     if model is not None:
         body["model"] = model
-    return body
+    if version == 1:
+        return {**body, "auth": {"ts": ts, "sig": sign_single(image_url, ts, secret)}}
+    return sign_request(body, secret, ts=ts)
 
 
 def build_batch_request(
@@ -151,7 +182,9 @@ def build_batch_request(
     normalize: bool = True,
     encoding: Encoding = "base64",
     ts: int | None = None,
+    version: int = LATEST_SIGNATURE_VERSION,
 ) -> dict[str, Any]:
+    """A batch input, signed whole (version 2); ``version=1`` is the older URL-only signature."""
     items = list(items)
     ts = int(time.time()) if ts is None else ts
     urls = [validate_url_text(i.image_url) for i in items]
@@ -162,11 +195,12 @@ def build_batch_request(
         ],
         "normalize": normalize,
         "encoding": encoding,
-        "auth": {"ts": ts, "sig": sign_batch(urls, ts, secret)},
     }
     if model is not None:
         body["model"] = model
-    return body
+    if version == 1:
+        return {**body, "auth": {"ts": ts, "sig": sign_batch(urls, ts, secret)}}
+    return sign_request(body, secret, ts=ts)
 
 
 def derive_model_version(model_name: str, pretrained: str) -> str:

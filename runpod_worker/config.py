@@ -7,12 +7,13 @@ naming the variable, rather than failing every job later.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from heimdex_clip_contract.errors import ConfigError
 from heimdex_clip_contract.schema import derive_model_version
-from heimdex_clip_contract.signing import DEFAULT_AUTH_WINDOW_S
+from heimdex_clip_contract.signing import DEFAULT_AUTH_WINDOW_S, SIGNATURE_VERSIONS
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
@@ -33,7 +34,8 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool) -> float:
+def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool, maximum: float) -> float:
+    """A finite number in (0, maximum]: nan, inf and absurd values stop the worker at start."""
     raw = env.get(name, "").strip()
     if not raw:
         return default
@@ -41,8 +43,8 @@ def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool)
         value = int(raw) if integer else float(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a {'whole ' if integer else ''}number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be greater than 0, got {raw!r}")
+    if not math.isfinite(value) or not 0 < value <= maximum:
+        raise ConfigError(f"{name} must be a number greater than 0 and at most {maximum:g}, got {raw!r}")
     return value
 
 
@@ -71,6 +73,7 @@ class WorkerConfig:
     allow_private_hosts: bool = False
     download_concurrency: int = 16
     job_concurrency: int = 4
+    auth_min_version: int = 1
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> WorkerConfig:
@@ -107,13 +110,26 @@ class WorkerConfig:
             model_version=_str(env, "CLIP_MODEL_VERSION", "") or derive_model_version(model_name, pretrained),
             precision=_choice(env, "CLIP_PRECISION", PRECISIONS),
             device=_choice(env, "CLIP_DEVICE", DEVICES),
-            max_image_bytes=int(_number(env, "MAX_IMAGE_SIZE_BYTES", cls.max_image_bytes, integer=True)),
-            download_timeout_s=_number(env, "IMAGE_DOWNLOAD_TIMEOUT", cls.download_timeout_s, integer=False),
-            auth_window_s=int(_number(env, "AUTH_TIME_WINDOW_SECONDS", cls.auth_window_s, integer=True)),
+            max_image_bytes=int(
+                _number(env, "MAX_IMAGE_SIZE_BYTES", cls.max_image_bytes, integer=True, maximum=2**30)
+            ),
+            download_timeout_s=_number(
+                env, "IMAGE_DOWNLOAD_TIMEOUT", cls.download_timeout_s, integer=False, maximum=3600
+            ),
+            auth_window_s=int(
+                _number(env, "AUTH_TIME_WINDOW_SECONDS", cls.auth_window_s, integer=True, maximum=3600)
+            ),
+            auth_min_version=int(
+                _number(env, "AUTH_MIN_SIGNATURE_VERSION", 1, integer=True, maximum=max(SIGNATURE_VERSIONS))
+            ),
             host_allowlist=allowlist,
             allow_private_hosts=_bool(env, "IMAGE_ALLOW_PRIVATE_HOSTS"),
             download_concurrency=int(
-                _number(env, "IMAGE_DOWNLOAD_CONCURRENCY", cls.download_concurrency, integer=True)
+                _number(
+                    env, "IMAGE_DOWNLOAD_CONCURRENCY", cls.download_concurrency, integer=True, maximum=1024
+                )
             ),
-            job_concurrency=int(_number(env, "WORKER_CONCURRENCY", cls.job_concurrency, integer=True)),
+            job_concurrency=int(
+                _number(env, "WORKER_CONCURRENCY", cls.job_concurrency, integer=True, maximum=256)
+            ),
         )

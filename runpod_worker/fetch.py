@@ -29,8 +29,12 @@ from runpod_worker.config import WorkerConfig
 
 _ALLOWED_SCHEMES = ("http", "https")
 _REDIRECT_STATUS = frozenset((301, 302, 303, 307, 308))
-# CGNAT (RFC 6598) is not ``is_private`` before CPython 3.12.4, so it is listed explicitly.
-_EXTRA_BLOCKED = (ipaddress.ip_network("100.64.0.0/10"),)
+# CGNAT (RFC 6598) is not ``is_private`` before CPython 3.12.4, so it is listed explicitly, as is the
+# local-use NAT64 prefix (RFC 8215), which translates to whatever IPv4 network the operator chose.
+_EXTRA_BLOCKED = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("64:ff9b:1::/48"))
+# The well-known NAT64 prefix (RFC 6052): the last 32 bits are the IPv4 host a translator reaches.
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _CHUNK = 64 * 1024
 # One TLS context for every client: httpx builds a new one per client by default, which parses the CA
 # bundle synchronously on the event loop (~20 ms a job). Same trust store (certifi) as httpx's default,
@@ -60,23 +64,28 @@ class FetchPolicy:
         )
 
 
-def _parse_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def _reached(ip: str) -> list[IPAddress] | None:
+    """Every address a connection to ``ip`` ends up at, or None when ``ip`` does not parse.
+
+    An IPv6 address can carry an IPv4 one that relays and translators deliver to: IPv4-mapped
+    (``::ffff:10.0.0.1``), 6to4 (``2002:7f00:1::1`` is 127.0.0.1), Teredo (server and client) and NAT64
+    (``64:ff9b::a9fe:a9fe`` is 169.254.169.254). Each carried address is judged too; for NAT64 only the
+    carried one, since the prefix itself is public routing for whatever IPv4 host it names.
+    """
     try:
         address = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id ("fe80::1%eth0")
     except ValueError:
         return None
-    # ::ffff:10.0.0.1 reaches 10.0.0.1: classify the IPv4 address it wraps.
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+    if not isinstance(address, ipaddress.IPv6Address):
+        return [address]
+    if address in _NAT64:
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    carried = [address.ipv4_mapped, address.sixtofour, *(address.teredo or ())]
+    return [address, *(a for a in carried if a is not None)]
 
 
-def is_public_address(ip: str) -> bool:
-    """True only for a globally routable unicast address; unparseable input is not public."""
-    address = _parse_ip(ip)
-    if address is None:
-        return False
-    if any(address in net for net in _EXTRA_BLOCKED):
+def _public(address: IPAddress) -> bool:
+    if any(address.version == net.version and address in net for net in _EXTRA_BLOCKED):
         return False
     # link-local covers 169.254.169.254 (cloud metadata); each flag is a class no image host lives in.
     if (
@@ -91,11 +100,18 @@ def is_public_address(ip: str) -> bool:
     return address.is_global
 
 
+def is_public_address(ip: str) -> bool:
+    """True only for a globally routable unicast address, whatever address it carries; unparseable
+    input is not public."""
+    reached = _reached(ip)
+    return reached is not None and all(_public(a) for a in reached)
+
+
 def _never_allowed(ip: str) -> bool:
     """Addresses refused even with ``allow_private``: link-local holds cloud metadata (169.254.169.254)
     and no image host; multicast and unspecified addresses are never a server."""
-    address = _parse_ip(ip)
-    return address is None or address.is_link_local or address.is_multicast or address.is_unspecified
+    reached = _reached(ip)
+    return reached is None or any(a.is_link_local or a.is_multicast or a.is_unspecified for a in reached)
 
 
 def host_allowed(host: str, allowlist: tuple[str, ...]) -> bool:

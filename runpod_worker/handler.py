@@ -64,7 +64,11 @@ class WorkerState:
             precision=config.precision,
             model_version=config.model_version,
         )
-        verifier = Verifier(config.hmac_secrets, config.auth_window_s) if config.hmac_secrets else None
+        verifier = (
+            Verifier(config.hmac_secrets, config.auth_window_s, config.auth_min_version)
+            if config.hmac_secrets
+            else None
+        )
         logger.info(
             "CLIP worker ready (model=%s, pretrained=%s, version=%s, device=%s, precision=%s, secrets=%d)",
             encoder.model_name,
@@ -181,7 +185,9 @@ async def handle_input(job_input: Any, state: WorkerState, fetch: Fetcher | None
     request = parse_request(job_input)
     # Authenticate before anything else, so an unsigned caller learns nothing about the worker.
     if state.verifier is not None:
-        state.verifier.verify(request.message, request.ts, request.sig)
+        state.verifier.verify(
+            request.message, request.ts, request.sig, version=request.version, nonce=request.nonce
+        )
     if request.model is not None and request.model != state.encoder.model_name:
         raise ModelMismatchError(
             f"Request asks for model {request.model!r}; this worker serves {state.encoder.model_name!r}"

@@ -173,10 +173,11 @@ class RunPodClient:
         return out
 
     def embed_one(self, image_url: str, request_id: str | None = None) -> RemoteEmbedding:
-        """The seed's single-image request (JSON floats), kept for the smoke test and old workers."""
+        """The seed's single-image request (JSON floats), kept for the smoke test and old workers: signed
+        as the guide signs it (version 1), which the seed's own worker also accepts."""
         output = self._run_job(
             lambda ts: build_single_request(
-                image_url, self._secret, request_id=request_id, model=self.model_name, ts=ts
+                image_url, self._secret, request_id=request_id, model=self.model_name, ts=ts, version=1
             )
         )
         self._check_model(output)

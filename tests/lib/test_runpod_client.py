@@ -20,6 +20,7 @@ from PIL import Image
 
 from heimdex_clip_assets.adapters.runpod_client import RemoteEmbedding, RunPodClient
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_contract import signing
 from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import (
     AuthError,
@@ -32,8 +33,8 @@ from heimdex_clip_contract.errors import (
     RequestTimeoutError,
     encode_job_error,
 )
-from heimdex_clip_contract.schema import ImageItem
-from heimdex_clip_contract.signing import Verifier, batch_message, single_message
+from heimdex_clip_contract.schema import ImageItem, parse_request
+from heimdex_clip_contract.signing import Verifier
 from tests.fixtures.worker import ImageServer
 
 URL = "https://api.runpod.ai/v2/ep123"
@@ -82,12 +83,10 @@ class CloudStub:
 
     def verify(self, job_input: dict[str, Any]) -> None:
         """What the worker does first: refuses a bad, stale or replayed signature."""
-        urls = [i["image_url"] for i in job_input["images"]] if "images" in job_input else None
-        auth = job_input["auth"]
-        message = (
-            batch_message(urls, auth["ts"]) if urls else single_message(job_input["image_url"], auth["ts"])
+        request = parse_request(job_input)
+        self.verifier.verify(
+            request.message, request.ts, request.sig, version=request.version, nonce=request.nonce
         )
-        self.verifier.verify(message, auth["ts"], auth["sig"])
 
 
 def batch_output(request: httpx.Request, *, dim: int = 512, **fields: Any) -> dict[str, Any]:
@@ -172,19 +171,30 @@ def test_batch_completed_in_one_call(fake: FakeTime) -> None:
     stub.verify(job_input)
 
 
-@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['kind']}-{v['ts']}")
+@pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['kind']}-{v['sig'][:8]}")
 def test_signing_matches_golden_vectors(
     vector: dict[str, Any], fake: FakeTime, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(time, "time", lambda: float(vector["ts"]))
+    # The client sends single images signed as the guide signs them (version 1) and batches signed
+    # whole (version 2, base64); the worker's tests cover the other vectors.
+    job = vector.get("input", {})
+    if vector["kind"] == "batch" or (vector["kind"] == "request-v2" and job.get("encoding") != "base64"):
+        pytest.skip("not a request this client sends")
+    monkeypatch.setattr(time, "time", lambda: float(vector["ts"] if "ts" in vector else job["auth"]["ts"]))
+    if "auth" in job:
+        monkeypatch.setattr(signing._secrets, "token_hex", lambda n: job["auth"]["nonce"])
     stub = CloudStub(reply(200, id="j", status="FAILED", error="stop here"))
-    client = make_client(stub, fake, hmac_secret=vector["secret"], max_retries=0, model_name=None)
+    client = make_client(stub, fake, hmac_secret=vector["secret"], max_retries=0, model_name=job.get("model"))
     with pytest.raises(ClipError):
-        if vector["kind"] == "batch":
-            client.embed_batch([ImageItem(u) for u in vector["image_urls"]])
+        if vector["kind"] == "request-v2":
+            client.embed_batch([ImageItem(i["image_url"], i.get("request_id")) for i in job["images"]])
         else:
             client.embed_one(vector["image_urls"][0])
-    assert stub.inputs()[0]["auth"] == {"ts": vector["ts"], "sig": vector["sig"]}
+    sent = stub.inputs()[0]
+    if vector["kind"] == "request-v2":
+        assert sent == job
+    else:
+        assert sent["auth"] == {"ts": vector["ts"], "sig": vector["sig"]}
 
 
 def test_in_queue_is_polled_with_get_until_completed(fake: FakeTime) -> None:

@@ -19,18 +19,30 @@ NOW = 1_764_115_200
 
 @pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['kind']}-{v['sig'][:8]}")
 def test_golden_vectors(vector: dict[str, Any]) -> None:
-    urls, ts, secret = vector["image_urls"], vector["ts"], vector["secret"]
-    if vector["kind"] == "single":
+    secret = vector["secret"]
+    if vector["kind"] == "request-v2":
+        body = vector["input"]
+        unsigned = {k: v for k, v in body.items() if k != "auth"}
+        auth = body["auth"]
+        assert signing.sign_request(unsigned, secret, ts=auth["ts"], nonce=auth["nonce"]) == body
+        assert signing.request_message(body) == vector["message"]
+        ts = auth["ts"]
+    elif vector["kind"] == "single":
+        urls, ts = vector["image_urls"], vector["ts"]
         assert signing.single_message(urls[0], ts) == vector["message"]
         assert signing.sign_single(urls[0], ts, secret) == vector["sig"]
-        body = schema.build_single_request(urls[0], secret, ts=ts)
+        body = schema.build_single_request(urls[0], secret, ts=ts, version=1)
     else:
+        urls, ts = vector["image_urls"], vector["ts"]
         assert signing.batch_message(urls, ts) == vector["message"]
         assert signing.sign_batch(urls, ts, secret) == vector["sig"]
-        body = schema.build_batch_request([ImageItem(u) for u in urls], secret, ts=ts)
+        body = schema.build_batch_request([ImageItem(u) for u in urls], secret, ts=ts, version=1)
     request = schema.parse_request(body)
     assert request.message == vector["message"]
-    Verifier([secret]).verify(request.message, ts, vector["sig"], now=ts)
+    assert request.version == (2 if vector["kind"] == "request-v2" else 1)
+    Verifier([secret]).verify(
+        request.message, ts, vector["sig"], version=request.version, nonce=request.nonce, now=ts
+    )
 
 
 def test_batch_signature_is_not_a_single_signature() -> None:
