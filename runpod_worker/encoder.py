@@ -44,6 +44,10 @@ _RESIZE_PIXELS = 128 * 1280 * 720
 _NVJPEG_SOF = frozenset((0xC0, 0xC1, 0xC2))
 # Markers that stand alone (no length field): TEM and the restart markers.
 _STANDALONE = frozenset((0x01, *range(0xD0, 0xD8)))
+# Resizing the short side to the model's size scales the long side by the aspect ratio: a 138-byte
+# 20000x1 PNG became 4,480,000x224 (28 s, 9 GB). CLIP sees only the centre square, so images longer than
+# this are refused before any pixel is decoded, on both paths; the largest resize is then 4480x224.
+MAX_ASPECT_RATIO = 20
 # open_clip's interpolation names -> the PIL filters its torchvision Resize applies to PIL images.
 _PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -74,6 +78,18 @@ def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
         else:
             pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
     return None
+
+
+def check_dimensions(width: int, height: int) -> None:
+    """Refuse, as ``invalid_image``, sizes whose decode or resize would blow up memory or time."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise InvalidImageError(f"Image refused: {width}x{height} pixels is over the {limit} pixel limit")
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise InvalidImageError(
+            f"Image refused: {width}x{height} is longer than {MAX_ASPECT_RATIO}:1; CLIP sees only the "
+            "centre square, so crop the image first"
+        )
 
 
 def _is_path(pretrained: str) -> bool:
@@ -181,11 +197,11 @@ class ClipEncoder:
             raise InvalidImageError(f"Image refused: too many pixels ({exc})") from exc
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise InvalidImageError("Image could not be decoded: not a supported image format") from exc
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit is not None and image.width * image.height > limit:
-            raise InvalidImageError(
-                f"Image refused: {image.width}x{image.height} pixels is over the {limit} pixel limit"
-            )
+        try:
+            check_dimensions(image.width, image.height)
+        except InvalidImageError:
+            image.close()
+            raise
         return image
 
     def decode(self, data: bytes) -> torch.Tensor:
@@ -247,19 +263,15 @@ class ClipEncoder:
         """Decode JPEGs on the GPU in one call and resize them in same-size groups."""
         out: list[torch.Tensor | ClipError | None] = [None] * len(images)
         jpeg_idx: list[int] = []
-        limit = Image.MAX_IMAGE_PIXELS
         for i, data in enumerate(images):
             frame = _jpeg_frame(data) if data[:3] == _JPEG_MAGIC else None
             try:
                 if frame is None or frame[0] not in _NVJPEG_SOF or not frame[1] or not frame[2]:
                     # PNG, WebP, unusual or malformed JPEGs: PIL decodes them or names the problem.
                     out[i] = self._decode_cpu_to_device(data)
-                elif limit is not None and frame[1] * frame[2] > limit:
-                    # Refused before nvJPEG allocates the pixels, as _open does on the CPU path.
-                    raise InvalidImageError(
-                        f"Image refused: {frame[1]}x{frame[2]} pixels is over the {limit} pixel limit"
-                    )
                 else:
+                    # Refused before nvJPEG allocates the pixels, as _open does on the CPU path.
+                    check_dimensions(frame[1], frame[2])
                     jpeg_idx.append(i)
             except InvalidImageError as exc:
                 out[i] = exc
