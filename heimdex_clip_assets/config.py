@@ -118,6 +118,7 @@ class Settings:
     sensor_max_runs: int
     backfill_cron: str
     backfill_max_runs: int
+    storage_file_size_limit: int
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (a CLI flag, a run's config)."""
@@ -187,6 +188,10 @@ class Settings:
             sensor_max_runs=env_int(env, "HEIMDEX_SENSOR_MAX_RUNS", 50, minimum=1),
             backfill_cron=_get(env, "HEIMDEX_BACKFILL_CRON") or "0 * * * *",
             backfill_max_runs=env_int(env, "HEIMDEX_BACKFILL_MAX_RUNS", 10, minimum=1),
+            # The embedded storage server's upload cap; Supabase's default global limit is 50 MiB.
+            storage_file_size_limit=env_int(
+                env, "HEIMDEX_STORAGE_FILE_SIZE_LIMIT", 50 * 1024 * 1024, minimum=1
+            ),
         )
         # RunPod's credentials are checked where a RunPod client is made, not here: reading the database
         # or storage (a sensor tick, `search`) must not fail on settings it does not use.

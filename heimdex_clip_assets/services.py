@@ -51,7 +51,7 @@ def open_storage(settings: Settings) -> Storage:
     """Supabase at ``SUPABASE_URL``, or (unset) the embedded server under ``HEIMDEX_HOME``."""
     if settings.supabase_url and settings.supabase_key:
         return SupabaseStorage(settings.supabase_url, settings.supabase_key, settings.bucket)
-    embedded = ensure_storage_server(settings.home)
+    embedded = ensure_storage_server(settings.home, file_size_limit=settings.storage_file_size_limit)
     return SupabaseStorage(embedded.url, embedded.service_key, settings.bucket)
 
 

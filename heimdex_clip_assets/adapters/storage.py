@@ -54,6 +54,11 @@ class SupabaseStorage:
             message = f"{what} failed in bucket {self.bucket!r} at {self.url}: {exc.message} ({exc.code})"
             if status == 404:
                 raise NotFoundError(message) from exc
+            if status == 413:
+                raise StorageError(
+                    f"{message}; raise the file size limit (HEIMDEX_STORAGE_FILE_SIZE_LIMIT for the embedded "
+                    "server, the bucket's or project's limit on Supabase)"
+                ) from exc
             if status in (401, 403) or exc.code in ("Unauthorized", "InvalidJWT"):
                 raise StorageError(f"{message}; check SUPABASE_SERVICE_ROLE_KEY") from exc
             raise StorageError(message, retryable=status >= 500 or status == 429) from exc

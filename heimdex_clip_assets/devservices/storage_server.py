@@ -8,15 +8,32 @@ from Supabase. It runs as a detached process shared by every pipeline process
 
     python -m heimdex_clip_assets.devservices.storage_server --root DIR --port 8787
 
-Security mirrors Supabase: every route but signed-URL downloads needs the service key; signed URLs
-carry an HS256 JWT bound to one object and an expiry; object paths cannot leave their bucket.
+It answers as the real server does (measured against Supabase Storage's own source, see
+``shared/notes/heimdex-system-facts.md``), where our client or tests could otherwise pass on behaviour
+the real one lacks:
+- every error is HTTP 400 (500 for our own failures) with the status in the JSON body as a string,
+  ``{"statusCode": "404", "code": "NoSuchKey", "error": "not_found", "message": "Object not found"}``,
+  with the real ``code``s (NoSuchKey, NoSuchBucket, KeyAlreadyExists, BucketAlreadyExists, InvalidKey,
+  InvalidJWT, InvalidSignature, InvalidRequest, EntityTooLarge, AccessDenied);
+- the service key is an HS256 JWT ``{"role": "service_role"}`` signed with the server's secret; only
+  ``Authorization: Bearer`` counts (``apikey`` is the gateway's business and is ignored), and a missing
+  or invalid token is the anonymous role, which sees no bucket ("Bucket not found");
+- signed URLs carry an HS256 JWT bound to one object and an expiry, with the real messages;
+- uploads are capped at Supabase's default file size limit (50 MiB; ``file_size_limit``) and streamed
+  to disk, never held in memory; bodies that are not JSON objects, fields of the wrong type and
+  ``cacheControl`` with control characters are 400 ``InvalidRequest``.
+
+Differences we keep, each a refusal where the real server would store: keys are files, so a key with
+an empty segment (``a//b``), a segment over 200 bytes, or one that would make an object a folder (``a``
+and ``a/b``) is 400 ``InvalidKey``; the anonymous role sees no bucket at all (row-level policies are
+not modelled); there is no public-object route, resumable upload or image transformation.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
-import hmac
+import hashlib
 import json
 import os
 import re
@@ -27,46 +44,85 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import jwt
 from starlette.applications import Starlette
+from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import Message, Receive
 
 from heimdex_clip_assets.devservices.postgres import private_dir
 from heimdex_clip_contract.errors import StorageError
 
 PREFIX = "/storage/v1"
-SERVICE_KEY_ENV = "HEIMDEX_STORAGE_SERVICE_KEY"
 JWT_SECRET_ENV = "HEIMDEX_STORAGE_JWT_SECRET"
+# Supabase's default global file size limit (its FILE_SIZE_LIMIT), in bytes.
+DEFAULT_FILE_SIZE_LIMIT = 50 * 1024 * 1024
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+# A key segment is a file name (plus ".json" for its metadata, and a temp-name prefix and suffix of 38):
+# 200 bytes keeps every one under the usual 255-byte NAME_MAX. 1024 bytes is S3's (and Supabase's) key limit.
+_MAX_SEGMENT_BYTES = 200
+_MAX_KEY_BYTES = 1024
+# Room for the multipart framing and the cacheControl field around the file's own bytes.
+_MULTIPART_SLACK = 64 * 1024
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 _START_TIMEOUT_S = 20.0
 _NO_OBJECT = "Either the object does not exist or you do not have access to it"  # Supabase's wording
 
 
 class ApiError(Exception):
-    """An error answered as Supabase's JSON body ``{"statusCode", "error", "message"}``."""
+    """An error answered as Supabase answers: HTTP 400 (500 for our own failures) and the real status in
+    the body, ``{"statusCode", "code", "error", "message"}``; ``error`` is the older field storage3 reads
+    as the code, so it keeps the real server's values ("not_found", "Duplicate", ...)."""
 
-    def __init__(self, status: int, error: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, *, error: str | None = None) -> None:
         super().__init__(message)
-        self.status, self.error, self.message = status, error, message
+        self.status, self.code, self.message, self.error = status, code, message, error or code
 
     def response(self) -> JSONResponse:
-        body = {"statusCode": str(self.status), "error": self.error, "message": self.message}
-        return JSONResponse(body, status_code=self.status)
+        body = {
+            "statusCode": str(self.status),
+            "code": self.code,
+            "error": self.error,
+            "message": self.message,
+        }
+        return JSONResponse(body, status_code=500 if self.status >= 500 else 400)
 
 
-def _not_found() -> ApiError:
-    # storage3's exists() reads a 404 with error "not_found" as "no such object".
-    return ApiError(404, "not_found", "Object not found")
+def _no_object() -> ApiError:
+    # storage3's exists() reads error "not_found" with statusCode 404 as "no such object".
+    return ApiError(404, "NoSuchKey", "Object not found", error="not_found")
+
+
+def _no_bucket() -> ApiError:
+    return ApiError(404, "NoSuchBucket", "Bucket not found", error="Bucket not found")
+
+
+def _duplicate(code: str) -> ApiError:
+    return ApiError(409, code, "The resource already exists", error="Duplicate")
+
+
+def _invalid_key(key: str, why: str = "") -> ApiError:
+    return ApiError(400, "InvalidKey", f"Invalid key: {key}{why}")
+
+
+def _invalid_request(message: str) -> ApiError:
+    return ApiError(400, "InvalidRequest", message)
+
+
+def _too_large() -> ApiError:
+    return ApiError(
+        413, "EntityTooLarge", "The object exceeded the maximum allowed size", error="Payload too large"
+    )
 
 
 def _now() -> str:
@@ -74,7 +130,8 @@ def _now() -> str:
 
 
 def check_object_path(path: str) -> str:
-    """Refuse keys that could name something outside the bucket, before any filesystem call."""
+    """Refuse keys that could name something outside the bucket or that no file can hold, before any
+    filesystem call."""
     segments = path.split("/")
     if (
         not path
@@ -83,13 +140,19 @@ def check_object_path(path: str) -> str:
         or path.startswith("/")
         or any(seg in ("", ".", "..") for seg in segments)
     ):
-        raise ApiError(400, "InvalidKey", f"Invalid key: {path!r}")
+        raise _invalid_key(path)
+    if len(path.encode()) > _MAX_KEY_BYTES:
+        raise _invalid_key(path[:64] + "...", f" (longer than {_MAX_KEY_BYTES} bytes)")
+    if any(len(seg.encode()) > _MAX_SEGMENT_BYTES for seg in segments):
+        raise _invalid_key(
+            path, f" (a path segment over {_MAX_SEGMENT_BYTES} bytes, the embedded server's limit)"
+        )
     return path
 
 
 class ObjectStore:
     """Buckets as folders: ``ROOT/<bucket>/objects/<key>`` holds the bytes and ``.../meta/<key>.json``
-    the content type and timestamps, so object keys can never collide with metadata."""
+    the content type, MD5 and timestamps, so object keys can never collide with metadata."""
 
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
@@ -97,13 +160,13 @@ class ObjectStore:
 
     def _bucket_dir(self, bucket: str) -> Path:
         if not _BUCKET_RE.fullmatch(bucket):
-            raise ApiError(400, "InvalidBucketName", f"Invalid bucket name: {bucket!r}")
+            raise ApiError(400, "InvalidBucketName", "Bucket name invalid")
         return self.root / bucket
 
     def bucket(self, bucket: str) -> dict[str, Any]:
         info = self._bucket_dir(bucket) / "bucket.json"
         if not info.exists():
-            raise ApiError(404, "Bucket not found", "Bucket not found")
+            raise _no_bucket()
         return json.loads(info.read_text())
 
     def buckets(self) -> list[dict[str, Any]]:
@@ -125,7 +188,7 @@ class ObjectStore:
         try:
             folder.mkdir()  # atomic: of two concurrent creators exactly one wins
         except FileExistsError:
-            raise ApiError(409, "Duplicate", "The resource already exists") from None
+            raise _duplicate("BucketAlreadyExists") from None
         _write_atomic(folder / "bucket.json", json.dumps(info).encode())
 
     def _paths(self, bucket: str, key: str) -> tuple[Path, Path]:
@@ -136,25 +199,38 @@ class ObjectStore:
         # Belt and braces after check_object_path: symlinks planted on disk still cannot lead out.
         for path, top in ((data, base / "objects"), (meta, base / "meta")):
             if not path.resolve().is_relative_to(top.resolve()):
-                raise ApiError(400, "InvalidKey", f"Invalid key: {key!r}")
+                raise _invalid_key(key)
         return data, meta
 
     def put(
-        self, bucket: str, key: str, body: bytes, content_type: str, cache_control: str, upsert: bool
+        self, bucket: str, key: str, source: IO[bytes], content_type: str, cache_control: str, upsert: bool
     ) -> dict[str, Any]:
         data, meta = self._paths(bucket, key)
+        objects = self._bucket_dir(bucket) / "objects"
+        # An object cannot also be a folder on disk: "a" then "a/b" (or the reverse) is refused.
+        for parent in data.relative_to(objects).parents:
+            if parent != Path(".") and (objects / parent).is_file():
+                raise _invalid_key(key, f" ('{parent}' is an object, so it cannot also be a folder here)")
+        if data.is_dir():
+            raise _invalid_key(key, " (a folder of other objects, so it cannot also be an object here)")
         data.parent.mkdir(parents=True, exist_ok=True)
         meta.parent.mkdir(parents=True, exist_ok=True)
         tmp = data.with_name(f".{data.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(body)
+        md5 = hashlib.md5(usedforsecurity=False)
+        size = 0
         try:
+            with tmp.open("wb") as out:
+                while chunk := source.read(1024 * 1024):
+                    md5.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
             if upsert:
                 os.replace(tmp, data)
             else:
                 try:
                     os.link(tmp, data)  # fails if the key exists, atomically: no check-then-write race
                 except FileExistsError:
-                    raise ApiError(409, "Duplicate", "The resource already exists") from None
+                    raise _duplicate("KeyAlreadyExists") from None
         finally:
             tmp.unlink(missing_ok=True)
         now = _now()
@@ -162,7 +238,8 @@ class ObjectStore:
             "id": str(uuid.uuid4()),
             "content_type": content_type,
             "cache_control": cache_control,
-            "size": len(body),
+            "size": size,
+            "etag": md5.hexdigest(),
             "created_at": now,
             "updated_at": now,
         }
@@ -172,7 +249,7 @@ class ObjectStore:
     def get(self, bucket: str, key: str) -> tuple[Path, dict[str, Any]]:
         data, meta = self._paths(bucket, key)
         if not data.is_file() or not meta.is_file():
-            raise _not_found()
+            raise _no_object()
         return data, json.loads(meta.read_text())
 
     def remove(self, bucket: str, keys: list[str]) -> list[dict[str, Any]]:
@@ -225,23 +302,72 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def create_app(root: Path, service_key: str, jwt_secret: str) -> Starlette:
+def service_key_for(jwt_secret: str) -> str:
+    """A service-role key as Supabase issues one: an HS256 JWT ``{"role": "service_role"}``."""
+    return jwt.encode(
+        {"role": "service_role", "iss": "heimdex-embedded-storage", "iat": int(time.time())}, jwt_secret
+    )
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise _invalid_request("Body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise _invalid_request("body must be object")
+    return body
+
+
+def _int_field(body: dict[str, Any], name: str, default: int, *, minimum: int = 0) -> int:
+    """An integer body field; like the real server's schema, a string of digits is coerced."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _invalid_request(f"body/{name} must be integer >= {minimum}")
+    return value
+
+
+def _capped(receive: Receive, limit: int) -> Receive:
+    """``receive`` that stops a body (chunked or lying about its length) once it passes ``limit``."""
+    seen = 0
+
+    async def wrapped() -> Message:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise _too_large()
+        return message
+
+    return wrapped
+
+
+def create_app(root: Path, jwt_secret: str, *, file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT) -> Starlette:
     store = ObjectStore(root)
 
-    def authorize(request: Request) -> None:
+    def is_service(request: Request) -> bool:
+        """Supabase's roles: a valid service-role JWT in ``Authorization``; anything else is anon."""
         auth = request.headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("apikey")
-        if not token:
-            raise ApiError(400, "Error", "headers must have required property 'authorization'")
-        if not hmac.compare_digest(token.encode(), service_key.encode()):
-            raise ApiError(403, "Unauthorized", "invalid signature")
+        if not auth.lower().startswith("bearer "):
+            return False
+        try:
+            claims = jwt.decode(auth[7:].strip(), jwt_secret, algorithms=["HS256"])
+        except jwt.InvalidTokenError:
+            return False
+        return claims.get("role") == "service_role"
 
-    def route(method: str, pattern: str, *, auth: bool = True) -> Any:
-        def wrap(handler: Any) -> Route:
+    def route(method: str, pattern: str, *, anon: Callable[[], Response] | None = None) -> Any:
+        """``anon``: the answer to the anonymous role; None for the routes anyone may call."""
+
+        def wrap(handler: Callable[..., Awaitable[Response]]) -> Route:
             async def endpoint(request: Request) -> Response:
                 try:
-                    if auth:
-                        authorize(request)
+                    if anon is not None and not is_service(request):
+                        return anon()
                     return await handler(request, **request.path_params)
                 except ApiError as exc:
                     return exc.response()
@@ -250,66 +376,77 @@ def create_app(root: Path, service_key: str, jwt_secret: str) -> Starlette:
 
         return wrap
 
+    def anon_sees_no_bucket() -> Response:
+        return _no_bucket().response()
+
+    def anon_sees_no_buckets() -> Response:
+        return JSONResponse([])
+
+    def anon_cannot_create() -> Response:
+        error = ApiError(
+            403, "AccessDenied", "new row violates row-level security policy", error="Unauthorized"
+        )
+        return error.response()
+
     def sign(bucket: str, key: str, expires_in: Any) -> str:
-        try:
-            seconds = int(expires_in)
-        except (TypeError, ValueError):
-            raise ApiError(400, "InvalidRequest", "expiresIn must be a number of seconds") from None
-        if seconds <= 0:
-            raise ApiError(400, "InvalidRequest", "expiresIn must be positive")
+        seconds = _int_field({"expiresIn": expires_in}, "expiresIn", 0, minimum=1)
         store.get(bucket, key)
         url = f"{bucket}/{key}"
-        token = jwt.encode(
-            {"url": url, "iat": int(time.time()), "exp": int(time.time()) + seconds}, jwt_secret
-        )
+        now = int(time.time())
+        token = jwt.encode({"url": url, "iat": now, "exp": now + seconds}, jwt_secret)
         return f"/object/sign/{url}?token={token}"
 
     def serve(path: Path, info: dict[str, Any]) -> Response:
+        # As the real server: the content's MD5 as the etag, and no cache-control of ours.
         return FileResponse(
-            path,
-            media_type=info["content_type"],
-            headers={"cache-control": f"max-age={info['cache_control']}"},
+            path, media_type=info["content_type"], headers={"etag": f'"{info.get("etag", "")}"'}
         )
 
-    @route("GET", "/status", auth=False)
+    @route("GET", "/status")
     async def status(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
-    @route("GET", "/bucket")
+    @route("GET", "/bucket", anon=anon_sees_no_buckets)
     async def list_buckets(request: Request) -> Response:
         return JSONResponse(store.buckets())
 
-    @route("POST", "/bucket")
+    @route("POST", "/bucket", anon=anon_cannot_create)
     async def create_bucket(request: Request) -> Response:
-        body = await request.json()
-        store.create_bucket(str(body.get("id") or body.get("name")), bool(body.get("public", False)))
-        return JSONResponse({"name": body.get("id") or body.get("name")})
+        body = await _json_object(request)
+        name = body.get("id") or body.get("name")
+        if not isinstance(name, str):
+            raise _invalid_request("body/name must be string")
+        store.create_bucket(name, bool(body.get("public", False)))
+        return JSONResponse({"name": name})
 
-    @route("GET", "/bucket/{bucket}")
+    @route("GET", "/bucket/{bucket}", anon=anon_sees_no_bucket)
     async def get_bucket(request: Request, bucket: str) -> Response:
         return JSONResponse(store.bucket(bucket))
 
-    @route("POST", "/object/sign/{bucket}")
+    @route("POST", "/object/sign/{bucket}", anon=anon_sees_no_bucket)
     async def sign_many(request: Request, bucket: str) -> Response:
-        body = await request.json()
+        body = await _json_object(request)
+        paths = body.get("paths")
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise _invalid_request("body/paths must be array of strings")
         out = []
-        for key in body.get("paths") or []:
+        for key in paths:
             try:
                 out.append(
                     {"error": None, "path": key, "signedURL": sign(bucket, key, body.get("expiresIn"))}
                 )
             except ApiError as exc:
-                if exc.status != 404:
+                if exc.code != "NoSuchKey":
                     raise
                 out.append({"error": _NO_OBJECT, "path": key, "signedURL": None})
         return JSONResponse(out)
 
-    @route("POST", "/object/sign/{bucket}/{key:path}")
+    @route("POST", "/object/sign/{bucket}/{key:path}", anon=anon_sees_no_bucket)
     async def sign_one(request: Request, bucket: str, key: str) -> Response:
-        body = await request.json()
+        body = await _json_object(request)
         return JSONResponse({"signedURL": sign(bucket, key, body.get("expiresIn"))})
 
-    @route("GET", "/object/sign/{bucket}/{key:path}", auth=False)
+    @route("GET", "/object/sign/{bucket}/{key:path}")
     async def signed_download(request: Request, bucket: str, key: str) -> Response:
         try:
             claims = jwt.decode(
@@ -319,58 +456,79 @@ def create_app(root: Path, service_key: str, jwt_secret: str) -> Starlette:
                 options={"require": ["exp", "url"]},
             )
         except jwt.ExpiredSignatureError:
-            raise ApiError(400, "InvalidJWT", "jwt expired") from None
+            raise ApiError(400, "InvalidJWT", '"exp" claim timestamp check failed') from None
+        except jwt.InvalidSignatureError:
+            raise ApiError(400, "InvalidJWT", "signature verification failed") from None
         except jwt.InvalidTokenError as exc:
             raise ApiError(400, "InvalidJWT", str(exc) or "invalid token") from None
         if claims["url"] != f"{bucket}/{key}":
-            raise ApiError(400, "InvalidSignature", "The url do not match the signature")
+            raise ApiError(400, "InvalidSignature", "Invalid signature")
         return serve(*store.get(bucket, key))
 
-    @route("GET", "/object/info/{bucket}/{key:path}")
+    @route("GET", "/object/info/{bucket}/{key:path}", anon=anon_sees_no_bucket)
     async def info(request: Request, bucket: str, key: str) -> Response:
         _, meta = store.get(bucket, key)
         body = {"name": key, "bucket_id": bucket, "version": meta["id"], **meta}
         return JSONResponse({**body, "metadata": {"size": meta["size"], "mimetype": meta["content_type"]}})
 
-    @route("POST", "/object/list/{bucket}")
+    @route("POST", "/object/list/{bucket}", anon=anon_sees_no_bucket)
     async def list_objects(request: Request, bucket: str) -> Response:
-        body = await request.json()
+        body = await _json_object(request)
+        for name in ("prefix", "search"):
+            if not isinstance(body.get(name) or "", str):
+                raise _invalid_request(f"body/{name} must be string")
         entries = store.list(
             bucket,
-            str(body.get("prefix") or ""),
-            int(body.get("limit") or 100),
-            int(body.get("offset") or 0),
-            str(body.get("search") or ""),
+            body.get("prefix") or "",
+            _int_field(body, "limit", 100, minimum=1),
+            _int_field(body, "offset", 0),
+            body.get("search") or "",
         )
         return JSONResponse(entries)
 
     async def upload(request: Request, bucket: str, key: str, upsert: bool) -> Response:
-        form = await request.form()
-        part = form.get("file")
-        if part is None or isinstance(part, str):
-            raise ApiError(400, "InvalidRequest", "multipart field 'file' is missing")
-        content_type = part.content_type or "application/octet-stream"
-        cache_control = str(form.get("cacheControl") or "3600")
-        meta = store.put(bucket, key, await part.read(), content_type, cache_control, upsert)
+        store.bucket(bucket)
+        check_object_path(key)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > file_size_limit + _MULTIPART_SLACK:
+            raise _too_large()  # refused before a byte of the body is read
+        capped = Request(request.scope, _capped(request.receive, file_size_limit + _MULTIPART_SLACK))
+        # Starlette spools each file part to disk past 1 MiB: the upload never sits in memory.
+        async with capped.form(max_files=1, max_fields=8) as form:
+            part = form.get("file")
+            if not isinstance(part, UploadFile):
+                raise _invalid_request("multipart field 'file' is missing")
+            if part.size is not None and part.size > file_size_limit:
+                raise _too_large()
+            cache_control = form.get("cacheControl") or "3600"
+            if not isinstance(cache_control, str) or _CONTROL_CHARS.search(cache_control):
+                raise _invalid_request("cacheControl must be text without control characters")
+            content_type = part.content_type or "application/octet-stream"
+            if _CONTROL_CHARS.search(content_type):
+                raise _invalid_request("the file's content type must be text without control characters")
+            meta = store.put(bucket, key, part.file, content_type, cache_control, upsert)
         return JSONResponse({"Id": meta["id"], "Key": f"{bucket}/{key}"})
 
-    @route("POST", "/object/{bucket}/{key:path}")
+    @route("POST", "/object/{bucket}/{key:path}", anon=anon_sees_no_bucket)
     async def upload_post(request: Request, bucket: str, key: str) -> Response:
         return await upload(request, bucket, key, request.headers.get("x-upsert", "false").lower() == "true")
 
-    @route("PUT", "/object/{bucket}/{key:path}")
+    @route("PUT", "/object/{bucket}/{key:path}", anon=anon_sees_no_bucket)
     async def upload_put(request: Request, bucket: str, key: str) -> Response:
         store.get(bucket, key)  # update replaces an existing object only, as Supabase's PUT
         return await upload(request, bucket, key, True)
 
-    @route("GET", "/object/{bucket}/{key:path}")
+    @route("GET", "/object/{bucket}/{key:path}", anon=anon_sees_no_bucket)
     async def download(request: Request, bucket: str, key: str) -> Response:
         return serve(*store.get(bucket, key))
 
-    @route("DELETE", "/object/{bucket}")
+    @route("DELETE", "/object/{bucket}", anon=anon_sees_no_bucket)
     async def remove(request: Request, bucket: str) -> Response:
-        body = await request.json()
-        return JSONResponse(store.remove(bucket, [str(p) for p in body.get("prefixes") or []]))
+        body = await _json_object(request)
+        prefixes = body.get("prefixes")
+        if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+            raise _invalid_request("body/prefixes must be array of strings")
+        return JSONResponse(store.remove(bucket, prefixes))
 
     # Order matters: the sign/info/list routes must win over the generic /object/{bucket}/{key}.
     routes = [
@@ -422,18 +580,29 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def ensure_storage_server(home: Path) -> EmbeddedStorage:
+def _is_service_key(key: str, jwt_secret: str) -> bool:
+    try:
+        return jwt.decode(key, jwt_secret, algorithms=["HS256"]).get("role") == "service_role"
+    except jwt.InvalidTokenError:
+        return False
+
+
+def ensure_storage_server(home: Path, *, file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT) -> EmbeddedStorage:
     """The state folder's storage server: reused when alive, (re)started otherwise.
 
     Keys persist in the state file (0600) across restarts, so signed URLs and clients made before a
-    restart keep working. The server's secrets reach it through its environment, never its argv.
+    restart keep working. The server's secret reaches it through its environment, never its argv.
+    ``file_size_limit`` applies when this call starts the server.
     """
     with _locked(home) as folder:
         state = _read_state(folder)
         if state is not None and _healthy(state.url):
             return EmbeddedStorage(state.url, state.service_key)
-        service_key = state.service_key if state else secrets.token_urlsafe(32)
         jwt_secret = state.jwt_secret if state else secrets.token_urlsafe(32)
+        service_key = state.service_key if state and _is_service_key(state.service_key, jwt_secret) else None
+        service_key = service_key or service_key_for(
+            jwt_secret
+        )  # state from before keys were JWTs: a new one
         port_file = folder / "port"
         port_file.unlink(missing_ok=True)
         with (folder / "server.log").open("ab") as log:
@@ -448,8 +617,10 @@ def ensure_storage_server(home: Path) -> EmbeddedStorage:
                     "0",
                     "--port-file",
                     str(port_file),
+                    "--file-size-limit",
+                    str(file_size_limit),
                 ],
-                env={**os.environ, SERVICE_KEY_ENV: service_key, JWT_SECRET_ENV: jwt_secret},
+                env={**os.environ, JWT_SECRET_ENV: jwt_secret},
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -504,9 +675,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
     parser.add_argument("--port-file", type=Path, help="write the chosen port here once listening")
+    parser.add_argument(
+        "--file-size-limit", type=int, default=DEFAULT_FILE_SIZE_LIMIT, help="largest upload, in bytes"
+    )
     args = parser.parse_args(argv)
 
-    service_key = os.environ.get(SERVICE_KEY_ENV) or secrets.token_urlsafe(32)
     jwt_secret = os.environ.get(JWT_SECRET_ENV) or secrets.token_urlsafe(32)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -514,9 +687,10 @@ def main(argv: list[str] | None = None) -> None:
     port = sock.getsockname()[1]
     if args.port_file:
         args.port_file.write_text(str(port))
-    if SERVICE_KEY_ENV not in os.environ:
-        print(f"SUPABASE_URL=http://{args.host}:{port}\nSUPABASE_SERVICE_ROLE_KEY={service_key}", flush=True)
-    app = create_app(args.root, service_key, jwt_secret)
+    if JWT_SECRET_ENV not in os.environ:
+        key = service_key_for(jwt_secret)
+        print(f"SUPABASE_URL=http://{args.host}:{port}\nSUPABASE_SERVICE_ROLE_KEY={key}", flush=True)
+    app = create_app(args.root, jwt_secret, file_size_limit=args.file_size_limit)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 

@@ -83,6 +83,7 @@ def test_expired_and_tampered_tokens_are_refused(storage: SupabaseStorage) -> No
     time.sleep(2.1)  # JWT exp has one-second resolution
     reply = httpx.get(url)
     assert reply.status_code == 400 and reply.json()["error"] == "InvalidJWT"
+    assert reply.json()["message"] == '"exp" claim timestamp check failed'
 
     url = storage.create_signed_url("a/0.jpg", expires_in=60)
     token = url.split("token=")[1]
@@ -122,10 +123,15 @@ def test_paths_cannot_leave_the_bucket(storage: SupabaseStorage, storage_server:
 def test_auth_is_required(storage: SupabaseStorage, storage_server: EmbeddedStorage) -> None:
     storage.upload("a/0.jpg", JPEG)
     url = api(storage_server, f"/object/{storage.bucket}/a/0.jpg")
-    missing = httpx.get(url)
-    assert missing.status_code == 400 and missing.json()["statusCode"] == "400"
-    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 403
-    assert httpx.get(url, headers={"apikey": storage_server.service_key}).content == JPEG
+    # As the real server: no token, a wrong one, or only an apikey header is the anonymous role, which
+    # sees no private bucket.
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"apikey": storage_server.service_key}):
+        reply = httpx.get(url, headers=headers)
+        assert reply.status_code == 400 and reply.json()["statusCode"] == "404"
+        assert reply.json()["code"] == "NoSuchBucket"
+    claims = jwt.decode(storage_server.service_key, options={"verify_signature": False})
+    assert claims["role"] == "service_role"
+    assert httpx.get(url, headers=auth(storage_server)).content == JPEG
 
     with pytest.raises(StorageError, match="SUPABASE_SERVICE_ROLE_KEY") as info:
         SupabaseStorage(storage_server.url, "wrong-key", storage.bucket)
