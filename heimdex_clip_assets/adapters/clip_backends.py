@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
+from heimdex_clip_assets.adapters.weights import check_weights
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_contract.errors import (
     AuthError,
@@ -72,6 +73,8 @@ def load_encoder(model_name: str, pretrained: str, precision: str | None = None)
     key = (model_name, pretrained, precision)
     with _ENCODERS_LOCK:  # held during the load, so two threads asking at once load it once
         if key not in _ENCODERS:
+            # Seconds, not a minute of the hub's retries, when the weights cannot be had.
+            check_weights(model_name, pretrained)
             from runpod_worker.encoder import ClipEncoder
 
             _ENCODERS[key] = ClipEncoder.load(model_name, pretrained, precision=precision)

@@ -1,4 +1,5 @@
-"""heimdex-clip: turn videos into searchable CLIP scene embeddings, from the command line.
+"""heimdex-clip cuts videos into scenes, embeds a keyframe of each with CLIP (on this machine or a RunPod
+GPU) into PostgreSQL + pgvector, and finds scenes by text or image. Start with `heimdex-clip demo`.
 
 Every failure a user can cause ends in one sentence on stderr saying what to do, and a non-zero exit;
 tracebacks are for bugs only (set HEIMDEX_DEBUG=1 to see them for any error).
@@ -16,69 +17,126 @@ from heimdex_clip_contract.errors import ClipError
 
 from .backfill import cmd_backfill
 from .common import err_console
-from .dev import cmd_dev, cmd_storage_server
+from .dev import cmd_dev, cmd_stop, cmd_storage_server, stop_started_services
 from .search import cmd_search
 from .smoke import cmd_smoke
 from .videos import cmd_add_video, cmd_demo, cmd_process_video
 
-
 # ------------------------------------------------------------------------------------------- parser
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="heimdex-clip", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+KEEP_SERVICES_HELP = (
+    "Leave the embedded PostgreSQL and storage server running when the command ends (by default it "
+    "stops those it started; `heimdex-clip stop` stops them later)."
+)
 
-    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="heimdex-clip", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(
+        name: str, help_text: str, *, backend: bool = True, keep_services: bool = True
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument(
-            "--backend",
-            choices=("runpod", "local", "off"),
-            help="Overrides CLIP_INFERENCE_BACKEND for this command.",
-        )
+        if backend:
+            p.add_argument(
+                "--backend",
+                choices=("runpod", "local", "off"),
+                help="Where CLIP runs, for this command only (default: CLIP_INFERENCE_BACKEND, else local).",
+            )
+        if keep_services:
+            p.add_argument("--keep-services", action="store_true", help=KEEP_SERVICES_HELP)
         return p
 
     p = command("add-video", "Upload video files to storage and register them.")
-    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="Video files (mp4, mov, mkv, webm, avi, m4v).")
     p.set_defaults(func=cmd_add_video)
 
     p = command("process-video", "Materialize every asset of one video now; print its scenes.")
-    p.add_argument("--video-id", required=True)
+    p.add_argument(
+        "--video-id", required=True, metavar="ID", help="The video's id, as add-video printed it (a UUID)."
+    )
     p.set_defaults(func=cmd_process_video)
 
     p = command("backfill", "Embed scenes without a current CLIP embedding (resumable).")
-    p.add_argument("--batch-size", type=int, default=50)
-    p.add_argument("--clip-timeout", type=float, default=None, help="Seconds per RunPod request.")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=50,
+        metavar="N",
+        help="Scenes per embedding call and database commit (default: %(default)s).",
+    )
+    p.add_argument(
+        "--clip-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="Seconds per RunPod request (default: RUNPOD_TIMEOUT_S, else 60).",
+    )
     p.add_argument("--force-regenerate", action="store_true", help="Re-embed every scene.")
-    p.add_argument("--dry-run", action="store_true", help="Show what would be processed.")
+    p.add_argument("--dry-run", action="store_true", help="Show what would be processed, change nothing.")
     p.set_defaults(func=cmd_backfill)
 
-    p = command("smoke", "The seed's smoke test of the configured backend.")
+    p = command(
+        "smoke",
+        "Check the configured CLIP backend end to end: storage, signed URLs, authentication, one "
+        "embedding; one line per check.",
+    )
     p.set_defaults(func=cmd_smoke)
 
     p = command("search", "Find scenes by text (CLIP text encoder) or by an image.")
-    p.add_argument("query", nargs="?")
-    p.add_argument("--image")
-    p.add_argument("--video-id")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("query", nargs="?", help='What to look for, e.g. "a red car".')
+    p.add_argument("--image", metavar="PATH", help="Find scenes that look like this image instead.")
+    p.add_argument("--video-id", metavar="ID", help="Only scenes of this video (default: every video).")
+    p.add_argument(
+        "--limit", type=int, default=10, metavar="N", help="How many scenes (default: %(default)s)."
+    )
     p.set_defaults(func=cmd_search)
 
-    p = command("dev", "Embedded Postgres + storage + `dagster dev` (UI, sensor, schedule).")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=3000)
+    p = command(
+        "dev", "Embedded Postgres + storage + `dagster dev` (UI, sensor, schedule).", keep_services=False
+    )
+    p.add_argument("--host", default="127.0.0.1", help="Address of the UI (default: %(default)s).")
+    p.add_argument("--port", type=int, default=3000, help="Port of the UI (default: %(default)s).")
     p.add_argument(
         "--keep-services",
         action="store_true",
-        help="Leave the embedded Postgres and storage server running on exit.",
+        help="Leave the embedded PostgreSQL and storage server running on exit.",
     )
     p.set_defaults(func=cmd_dev)
 
     p = command("demo", "The main job end to end on embedded defaults; prints the Step-7 table.")
     p.add_argument("video", nargs="?", help="A video file (default: generate a sample).")
-    p.add_argument("--scenes", type=int, default=8)
-    p.add_argument("--scene-seconds", type=float, default=3.0)
+    p.add_argument(
+        "--scenes",
+        type=int,
+        default=8,
+        metavar="N",
+        help="Scenes in the generated sample (default: %(default)s).",
+    )
+    p.add_argument(
+        "--scene-seconds",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="Length of each generated scene (default: %(default)s).",
+    )
     p.set_defaults(func=cmd_demo)
 
-    p = command("storage-server", "Start (or find) the embedded storage server; print its URL and key.")
+    p = command(
+        "storage-server",
+        "Start (or find) the embedded storage server; print its URL and key. It keeps running.",
+        backend=False,
+        keep_services=False,
+    )
     p.set_defaults(func=cmd_storage_server)
+
+    p = command(
+        "stop",
+        "Stop the embedded PostgreSQL and storage server of HEIMDEX_HOME; their data stays.",
+        backend=False,
+        keep_services=False,
+    )
+    p.set_defaults(func=cmd_stop)
     return parser
 
 
@@ -98,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         err_console.print("Interrupted.")
         return 130
+    finally:
+        if hasattr(args, "keep_services") and args.func is not cmd_dev and not args.keep_services:
+            stop_started_services()
 
 
 def run() -> None:

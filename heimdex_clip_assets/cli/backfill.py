@@ -17,6 +17,7 @@ from heimdex_clip_contract.errors import ConfigError
 
 from .common import (
     console,
+    require_weights,
     settings_from_args,
 )
 
@@ -27,6 +28,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         if args.clip_timeout
         else settings_from_args(args)
     )
+    if not args.dry_run:
+        require_weights(settings)
     return run_backfill(
         settings,
         batch_size=args.batch_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,13 @@ from rich.console import Console
 from rich.table import Table
 
 from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.weights import check_weights
 from heimdex_clip_assets.config import Settings
-from heimdex_clip_contract.errors import ClipError, ConfigError, NotFoundError
+from heimdex_clip_contract.errors import ClipError, ConfigError, InvalidRequestError, NotFoundError
+from heimdex_clip_contract.schema import weights_are_random
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # long lines wrap in the terminal, not mid-sentence by us
+err_console = Console(stderr=True, soft_wrap=True)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # The seed's Step 7 query, verbatim but for the id placeholder.
@@ -34,6 +37,27 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return Settings.from_env(backend=getattr(args, "backend", None))
 
 
+def require_weights(settings: Settings) -> None:
+    """Fail in seconds, before any work, when the in-process model's weights cannot be had."""
+    if settings.clip_backend == "local":
+        check_weights(settings.clip_model_name, settings.clip_pretrained)
+
+
+def random_weights_note(settings: Settings) -> str | None:
+    """What results made with random weights say beside them: their vectors and scores mean nothing."""
+    return "random weights: vectors mean nothing" if weights_are_random(settings.clip_pretrained) else None
+
+
+def video_id_arg(text: str) -> str:
+    """A video id as the user typed it, checked before it reaches the database."""
+    try:
+        return str(uuid.UUID(text))
+    except ValueError:
+        raise InvalidRequestError(
+            f"{text!r} is not a video id (ids are UUIDs, as `heimdex-clip add-video` prints them)"
+        ) from None
+
+
 def dagster_env(settings: Settings) -> dict[str, str]:
     """The instance to use: the project's ``dagster.yaml`` (unless ``DAGSTER_HOME`` names another), which
     finds Postgres and the artifacts folder from the same settings as the pipeline."""
@@ -48,6 +72,7 @@ def dagster_env(settings: Settings) -> dict[str, str]:
 
 def materialize_video(video_id: str, settings: Settings) -> None:
     """Run every asset (and check) of one video's partition now, in this process."""
+    require_weights(settings)  # before Dagster's imports: seconds matter to a command that cannot run
     import dagster as dg
 
     from heimdex_clip_assets.definitions import defs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 from heimdex_clip_assets import services
+from heimdex_clip_contract.errors import ClipError
 
 from .common import (
     REPO_ROOT,
@@ -51,3 +53,16 @@ def cmd_storage_server(args: argparse.Namespace) -> int:
     server = ensure_storage_server(settings_from_args(args).home)
     console.print(json.dumps({"url": server.url, "service_key": server.service_key}))
     return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    stopped = services.stop_embedded(settings)
+    console.print(f"Stopped: {', '.join(stopped)}." if stopped else f"Nothing runs in {settings.home}.")
+    return 0
+
+
+def stop_started_services() -> None:
+    """Stop the embedded services this command started (and only those), as it ends."""
+    with contextlib.suppress(ClipError):  # a broken setting already ended the command with its sentence
+        services.stop_embedded(settings_from_args(argparse.Namespace()), started_here_only=True)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from rich.table import Table
-
 from heimdex_clip_assets import services
 from heimdex_clip_contract.errors import ClipError, ConfigError, NotFoundError
 
 from .common import (
     console,
+    random_weights_note,
     settings_from_args,
+    video_id_arg,
 )
 
 
@@ -20,6 +20,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     if bool(args.query) == bool(args.image):
         raise ConfigError('Give a text query or --image PATH, e.g. heimdex-clip search "a red car"')
+    video_id = video_id_arg(args.video_id) if args.video_id else None
     encoder = services.text_image_encoder(settings)
     if args.image:
         image = Path(args.image)
@@ -32,21 +33,18 @@ def cmd_search(args: argparse.Namespace) -> int:
     else:
         vector = encoder.encode_text([args.query])[0]
     hits = services.vector_store(settings).search(
-        vector, k=args.limit, video_id=args.video_id, model_version=settings.clip_model_version
+        vector, k=args.limit, video_id=video_id, model_version=settings.clip_model_version
     )
     if not hits:
         console.print("No scenes with embeddings yet; run `heimdex-clip demo` or `process-video` first.")
         return 0
-    table = Table(title=f"search: {args.query or args.image}")
-    for column in ("video", "scene", "time", "score", "thumbnail"):
-        table.add_column(column)
+    # Plain lines rather than a table: a table squeezed into 80 columns cuts ids and paths short, and
+    # both are made to be copied. Each hit's first line fits 80 columns; the path follows on its own.
+    note = random_weights_note(settings)
+    console.print(f"search: {args.query or args.image}" + (f"  [yellow]({note})[/yellow]" if note else ""))
+    console.print(f"{'score':>6}  {'scene':>5}  {'time':<15}  video", style="bold")
     for hit in hits:
-        table.add_row(
-            hit.video_id,
-            str(hit.index),
-            f"{hit.start_s:.2f}-{hit.end_s:.2f}s",
-            f"{hit.score:.3f}",
-            hit.thumbnail_path,
-        )
-    console.print(table)
+        time_range = f"{hit.start_s:.2f}-{hit.end_s:.2f}s"
+        console.print(f"{hit.score:6.3f}  {hit.index:5d}  {time_range:<15}  {hit.video_id}", highlight=False)
+        console.print(f"{'':6}  {'':5}  {hit.thumbnail_path}", highlight=False)
     return 0

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
 from rich.table import Table
 
 from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.weights import WeightsUnavailableError
+from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.pipeline import register
 
 from .common import (
@@ -16,7 +19,10 @@ from .common import (
     console,
     materialize_video,
     print_scenes,
+    random_weights_note,
+    require_weights,
     settings_from_args,
+    video_id_arg,
 )
 
 
@@ -35,15 +41,42 @@ def cmd_add_video(args: argparse.Namespace) -> int:
 
 def cmd_process_video(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    materialize_video(args.video_id, settings)
-    print_scenes(settings, args.video_id)
+    video_id = video_id_arg(args.video_id)
+    materialize_video(video_id, settings)
+    print_scenes(settings, video_id)
     return 0
+
+
+def _weights_or_random(args: argparse.Namespace) -> Settings:
+    """The demo's settings: the configured weights when they can be had, else random weights.
+
+    The demo exists to show the pipeline working on any machine, so unlike every other command it goes
+    on without the weights, saying so in one line. The run's resources read the environment, hence the
+    change there; the model version is derived again so random vectors never carry the real label.
+    """
+    settings = settings_from_args(args)
+    try:
+        require_weights(settings)
+    except WeightsUnavailableError as exc:
+        why = f"{settings.clip_pretrained}: {exc.reason}"
+        os.environ["CLIP_PRETRAINED"] = "none"
+        os.environ.pop("CLIP_MODEL_VERSION", None)
+        settings = settings_from_args(args)
+    else:
+        if not random_weights_note(settings):
+            return settings
+        why = "CLIP_PRETRAINED=none"
+    console.print(
+        f"[yellow]Random CLIP weights[/yellow] ({why}): the whole pipeline runs, but its vectors mean "
+        "nothing; set CLIP_PRETRAINED=<file> for real ones"
+    )
+    return settings
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from heimdex_clip_assets.devservices.sample_video import generate_sample_video
 
-    settings = settings_from_args(args)
+    settings = _weights_or_random(args)
     if args.video:
         video = Path(args.video)
     else:
@@ -62,7 +95,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     materialize_video(video_id, settings)
     wall = time.perf_counter() - started
     rows = store.query(STEP7_SQL, (video_id,))
-    table = Table(title="Step 7: video_scenes")
+    table = Table(title="Step 7: video_scenes", caption=random_weights_note(settings))
     for column in ("scene", "has_clip", "backend", "inference_ms"):
         table.add_column(column)
     for row in rows:

@@ -41,3 +41,18 @@ def start_postgres(data_dir: Path, *, runtime_dir: Path, cleanup_mode: str | Non
 def embedded_postgres(home: Path) -> PostgresServer:
     """The state folder's PostgreSQL, started on first use and reused by every later process."""
     return start_postgres(home / "pg", runtime_dir=home / "run")
+
+
+def postgres_running(home: Path) -> bool:
+    """Whether the state folder's PostgreSQL is up: its ``postmaster.pid`` names a live process."""
+    try:
+        pid = int((home / "pg" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, under another user
+        return True
+    return True

@@ -648,6 +648,12 @@ def ensure_storage_server(home: Path, *, file_size_limit: int = DEFAULT_FILE_SIZ
         )
 
 
+def storage_server_running(home: Path) -> bool:
+    """Whether the state folder's storage server answers at its recorded URL."""
+    state = _read_state(_state_dir(home))
+    return state is not None and state.pid > 0 and _healthy(state.url)
+
+
 def stop_storage_server(home: Path) -> None:
     """Stop the state folder's storage server if it runs (its objects stay on disk)."""
     with _locked(home) as folder:
