@@ -38,3 +38,12 @@ def test_readme_sql_runs_verbatim(store: VectorStore) -> None:
     ]
     (by_backend,) = store.query(blocks[1])
     assert (by_backend["backend"], by_backend["count"], by_backend["avg_inference_ms"]) == ("runpod", 1, 45.2)
+
+
+def test_readme_tells_a_newcomer_about_weights_services_and_install_size() -> None:
+    text = " ".join(README.read_text().split())
+    assert "`CLIP_PRETRAINED=<file>`" in text and "`HF_HUB_OFFLINE=1`" in text
+    assert "runs the whole pipeline on random weights" in text
+    assert "`--keep-services`" in text and "`heimdex-clip stop`" in text
+    assert "The install is about 6.4 GB." in text
+    assert "--index-url https://download.pytorch.org/whl/cpu" in text
