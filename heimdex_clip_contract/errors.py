@@ -105,6 +105,12 @@ class NotFoundError(ClipError):
     code = "not_found"
 
 
+class ForbiddenError(ClipError):
+    """The caller is known but may not do this (a user asking for another user's scenes)."""
+
+    code = "forbidden"
+
+
 class DatabaseError(ClipError):
     code = "database_error"
 
@@ -131,6 +137,7 @@ ERRORS_BY_CODE: dict[str, type[ClipError]] = {
         RemoteError,
         StorageError,
         NotFoundError,
+        ForbiddenError,
         DatabaseError,
         InvalidVideoError,
     )

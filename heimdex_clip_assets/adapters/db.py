@@ -53,6 +53,7 @@ class VideoRecord:
     height: int | None = None
     status: str = "pending"
     error: str | None = None
+    owner_id: str | None = None  # the user whose video it is; search confines users to their own
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -98,6 +99,8 @@ class SearchHit:
     end_s: float
     thumbnail_path: str
     score: float
+    filename: str | None = None
+    video_path: str | None = None  # the video's storage path
 
 
 # ---------------------------------------------------------------------------------------- migrations
@@ -204,8 +207,8 @@ class VectorStore:
         with self._connect(vectors=False) as conn:
             conn.execute(
                 "INSERT INTO videos (id, storage_path, filename, duration_s, fps, width, height, status,"
-                " error) VALUES (%(id)s, %(storage_path)s, %(filename)s, %(duration_s)s, %(fps)s, %(width)s,"
-                " %(height)s, %(status)s, %(error)s)"
+                " error, owner_id) VALUES (%(id)s, %(storage_path)s, %(filename)s, %(duration_s)s, %(fps)s,"
+                " %(width)s, %(height)s, %(status)s, %(error)s, %(owner_id)s)"
                 " ON CONFLICT (id) DO UPDATE SET storage_path = EXCLUDED.storage_path,"
                 " filename = EXCLUDED.filename, duration_s = EXCLUDED.duration_s, fps = EXCLUDED.fps,"
                 " width = EXCLUDED.width, height = EXCLUDED.height, status = EXCLUDED.status,"
@@ -216,7 +219,10 @@ class VectorStore:
     def get_video(self, video_id: str) -> VideoRecord | None:
         with self._connect(vectors=False) as conn:
             row = conn.execute("SELECT * FROM videos WHERE id = %s", (video_id,)).fetchone()
-        return None if row is None else VideoRecord(**{**row, "id": str(row["id"])})
+        if row is None:
+            return None
+        owner = row["owner_id"]
+        return VideoRecord(**{**row, "id": str(row["id"]), "owner_id": None if owner is None else str(owner)})
 
     def videos_registered_after(self, cursor: str | None, limit: int) -> list[RegisteredVideo]:
         """Videos registered after ``cursor`` (a previous result's ``.cursor``), oldest first.
@@ -422,17 +428,20 @@ class VectorStore:
         k: int = 10,
         video_id: str | None = None,
         *,
+        user_id: str | None = None,
         model_version: str | None = None,
         ef_search: int = DEFAULT_EF_SEARCH,
     ) -> list[SearchHit]:
         """The ``k`` scenes closest by cosine, best first; score = 1 - cosine distance.
 
-        HNSW returns at most ef_search candidates before filters; iterative scan keeps looking when a
-        video or model filter discards them, so a filtered search still fills ``k``.
+        ``user_id`` keeps to the scenes of that owner's videos (tenancy: a user's search never sees
+        another's). HNSW returns at most ef_search candidates before filters; iterative scan keeps
+        looking when a filter discards them, so a filtered search still fills ``k``.
         """
         query = self._check_vector(vector, "query vector")
         if not 1 <= k <= 1000:
             raise InvalidRequestError(f"k must be between 1 and 1000, got {k}")
+        filtered = video_id is not None or model_version is not None or user_id is not None
         with self._connect() as conn:
             # Seq scans off: pgvector's cost model prices HNSW above a scan of tens of thousands of rows,
             # yet that scan detoasts every 2 KB vector (~50 ms at 20k rows against ~2 ms for the index).
@@ -440,19 +449,18 @@ class VectorStore:
             conn.execute(
                 "SELECT set_config('hnsw.ef_search', %s, true), set_config('hnsw.iterative_scan', %s, true),"
                 " set_config('enable_seqscan', 'off', true)",
-                (
-                    str(max(ef_search, k)),
-                    "off" if video_id is None and model_version is None else "strict_order",
-                ),
+                (str(max(ef_search, k)), "strict_order" if filtered else "off"),
             )
             rows = conn.execute(
-                'SELECT video_id, id, "index", start_s, end_s, thumbnail_path,'
-                " embedding_visual_clip <=> %(q)s AS distance FROM video_scenes"
-                " WHERE embedding_visual_clip IS NOT NULL"
-                " AND (%(video_id)s::uuid IS NULL OR video_id = %(video_id)s)"
-                " AND (%(mv)s::text IS NULL OR visual_clip_metadata->>'model_version' = %(mv)s)"
-                " ORDER BY embedding_visual_clip <=> %(q)s LIMIT %(k)s",
-                {"q": query, "video_id": video_id, "mv": model_version, "k": k},
+                'SELECT s.video_id, s.id, s."index", s.start_s, s.end_s, s.thumbnail_path, v.filename,'
+                " v.storage_path AS video_path, s.embedding_visual_clip <=> %(q)s AS distance"
+                " FROM video_scenes s JOIN videos v ON v.id = s.video_id"
+                " WHERE s.embedding_visual_clip IS NOT NULL"
+                " AND (%(video_id)s::uuid IS NULL OR s.video_id = %(video_id)s)"
+                " AND (%(user_id)s::uuid IS NULL OR v.owner_id = %(user_id)s)"
+                " AND (%(mv)s::text IS NULL OR s.visual_clip_metadata->>'model_version' = %(mv)s)"
+                " ORDER BY s.embedding_visual_clip <=> %(q)s LIMIT %(k)s",
+                {"q": query, "video_id": video_id, "user_id": user_id, "mv": model_version, "k": k},
             ).fetchall()
         return [
             SearchHit(
@@ -463,6 +471,28 @@ class VectorStore:
                 end_s=row["end_s"],
                 thumbnail_path=row["thumbnail_path"],
                 score=1.0 - float(row["distance"]),
+                filename=row["filename"],
+                video_path=row["video_path"],
             )
             for row in rows
         ]
+
+    def video_visible(self, video_id: str, user_id: str | None) -> bool:
+        """Whether ``video_id`` exists and, with ``user_id``, belongs to that user."""
+        with self._connect(vectors=False) as conn:
+            row = conn.execute(
+                "SELECT 1 FROM videos WHERE id = %s AND (%s::uuid IS NULL OR owner_id = %s)",
+                (video_id, user_id, user_id),
+            ).fetchone()
+        return row is not None
+
+    def searchable_videos(self, user_id: str | None, limit: int = 1000) -> list[dict[str, Any]]:
+        """``{id, filename, scenes}`` of the videos (of ``user_id``) with embedded scenes, by name."""
+        with self._connect(vectors=False) as conn:
+            return conn.execute(
+                "SELECT v.id::text AS id, v.filename, count(*) AS scenes FROM videos v"
+                " JOIN video_scenes s ON s.video_id = v.id AND s.embedding_visual_clip IS NOT NULL"
+                " WHERE %(user_id)s::uuid IS NULL OR v.owner_id = %(user_id)s"
+                " GROUP BY v.id ORDER BY v.filename, v.id LIMIT %(limit)s",
+                {"user_id": user_id, "limit": limit},
+            ).fetchall()

@@ -31,9 +31,13 @@ class Storage(Protocol):
         """An absolute URL anyone can GET without credentials until it expires."""
         ...
 
-    def create_signed_urls(self, paths: Sequence[str], expires_in: int = 300) -> dict[str, str]: ...
+    def create_signed_urls(
+        self, paths: Sequence[str], expires_in: int = 300, *, missing_ok: bool = False
+    ) -> dict[str, str]: ...
 
     def exists(self, path: str) -> bool: ...
+
+    def remove(self, paths: Sequence[str]) -> None: ...
 
 
 class SupabaseStorage:
@@ -96,14 +100,19 @@ class SupabaseStorage:
         reply = self._call(f"sign {path}", lambda: self._files.create_signed_url(path, expires_in))
         return str(reply["signedURL"])
 
-    def create_signed_urls(self, paths: Sequence[str], expires_in: int = 300) -> dict[str, str]:
-        """One request for many URLs; raises :class:`NotFoundError` naming any path that is missing."""
+    def create_signed_urls(
+        self, paths: Sequence[str], expires_in: int = 300, *, missing_ok: bool = False
+    ) -> dict[str, str]:
+        """One request for many URLs; raises :class:`NotFoundError` naming any path that is missing, or
+        with ``missing_ok`` leaves those paths out (a search result whose thumbnail is gone)."""
         if not paths:
             return {}
         replies = self._call(
             f"sign {len(paths)} paths", lambda: self._files.create_signed_urls(list(paths), expires_in)
         )
         missing = [r["path"] for r in replies if not r["signedURL"]]
+        if missing and missing_ok:
+            return {str(r["path"]): str(r["signedURL"]) for r in replies if r["signedURL"]}
         if missing:
             raise NotFoundError(
                 f"cannot sign {len(missing)} missing objects in bucket {self.bucket!r}: {missing[:5]}"
@@ -112,3 +121,8 @@ class SupabaseStorage:
 
     def exists(self, path: str) -> bool:
         return self._call(f"check {path}", lambda: self._files.exists(path))
+
+    def remove(self, paths: Sequence[str]) -> None:
+        """Delete objects; paths that do not exist are skipped, as Supabase does."""
+        if paths:
+            self._call(f"remove {len(paths)} objects", lambda: self._files.remove(list(paths)))

@@ -19,6 +19,7 @@ from .backfill import cmd_backfill
 from .common import err_console
 from .dev import cmd_dev, cmd_stop, cmd_storage_server, stop_started_services
 from .search import cmd_search
+from .serve import add_serve_parser
 from .smoke import cmd_smoke
 from .videos import cmd_add_video, cmd_demo, cmd_process_video
 
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=10, metavar="N", help="How many scenes (default: %(default)s)."
     )
     p.set_defaults(func=cmd_search)
+
+    add_serve_parser(command("serve", "The search API and page (HTTP): text or image in, scenes out."))
 
     p = command(
         "dev", "Embedded Postgres + storage + `dagster dev` (UI, sensor, schedule).", keep_services=False

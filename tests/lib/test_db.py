@@ -77,10 +77,10 @@ def embed_all(
 # ------------------------------------------------------------------------------------------ schema
 def test_migrations_are_versioned_and_idempotent(pg_database: str) -> None:
     store = VectorStore(pg_database, DIM)
-    assert store.migrate() == [1]
+    assert store.migrate() == [1, 2]
     assert store.migrate() == []
     with psycopg.connect(pg_database) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
         indexdef = conn.execute(
             "SELECT indexdef FROM pg_indexes WHERE tablename = 'video_scenes' AND indexdef LIKE '%hnsw%'"
         ).fetchone()
@@ -94,7 +94,7 @@ def _migrate(dsn: str) -> list[int]:
 def test_concurrent_migrations_apply_once(pg_database: str) -> None:
     with multiprocessing.get_context("fork").Pool(4) as pool:
         results = pool.map(_migrate, [pg_database] * 4)
-    assert sorted(results) == [[], [], [], [1]]
+    assert sorted(results) == [[], [], [], [1, 2]]
 
 
 def test_dimension_mismatch_is_refused(store: VectorStore) -> None:

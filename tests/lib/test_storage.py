@@ -55,6 +55,8 @@ def test_exists(storage: SupabaseStorage) -> None:
         storage.upload(f"thumbnails/v1/{i}.jpg", JPEG)
     assert storage.exists("thumbnails/v1/2.jpg")
     assert not storage.exists("thumbnails/v1/9.jpg")
+    storage.remove(["thumbnails/v1/2.jpg", "thumbnails/v1/9.jpg"])  # a missing one is skipped
+    assert not storage.exists("thumbnails/v1/2.jpg") and storage.exists("thumbnails/v1/1.jpg")
 
 
 def test_signed_urls_work_without_credentials(storage: SupabaseStorage) -> None:
@@ -71,6 +73,8 @@ def test_signed_urls_work_without_credentials(storage: SupabaseStorage) -> None:
     assert httpx.get(urls["thumbnails/v1/1.jpg"]).content == b"one"
     with pytest.raises(NotFoundError, match="missing"):
         storage.create_signed_urls(["thumbnails/v1/0.jpg", "thumbnails/v1/nope.jpg"], expires_in=60)
+    some = storage.create_signed_urls(["thumbnails/v1/0.jpg", "thumbnails/v1/nope.jpg"], 60, missing_ok=True)
+    assert list(some) == ["thumbnails/v1/0.jpg"]
     with pytest.raises(NotFoundError):
         storage.create_signed_url("thumbnails/v1/nope.jpg")
 

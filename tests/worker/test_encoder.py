@@ -89,6 +89,18 @@ def test_encode_text(worker_encoder: ClipEncoder) -> None:
     assert out.shape == (2, 512) and np.allclose(np.linalg.norm(out, axis=1), 1, atol=1e-5)
 
 
+def test_encode_text_reads_only_up_to_the_end_token(worker_encoder: ClipEncoder) -> None:
+    """The trimmed text tower equals open_clip's full 77-position pass, short and long texts mixed."""
+    import torch
+
+    texts = ["a red car", "x", "a crowded market street at night with neon signs and rain " * 4]
+    tokens = worker_encoder.tokenizer(texts)
+    with torch.inference_mode():
+        full = worker_encoder.model.encode_text(tokens, normalize=True).numpy()
+    np.testing.assert_allclose(worker_encoder.encode_text(texts), full, atol=1e-5)
+    np.testing.assert_allclose(worker_encoder.encode_text(texts[:1])[0], full[0], atol=1e-5)
+
+
 def test_missing_weights_say_what_to_set(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         ClipEncoder.load(pretrained=str(tmp_path / "nope.safetensors"), device="cpu")
