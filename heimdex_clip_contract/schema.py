@@ -10,6 +10,14 @@ Batch, several images in one job::
     {"images": [{"image_url": str, "request_id": str?}, ...], "normalize": bool = true,
      "model": str?, "encoding": ..., "auth": {"ts": int, "sig": hex}}
 
+Text, the text tower (search queries, so a search host needs no model of its own)::
+
+    {"texts": [str, ...], "normalize": bool = true, "model": str?, "encoding": ...,
+     "auth": {"v": 2, "ts", "nonce", "sig"}}
+
+A text job is signed only as version 2: its canonical form is the whole input, so a text signature can
+be neither replayed as an image job nor altered (a query swapped, ``normalize`` flipped) in flight.
+
 ``model``, when given, must equal the worker's ``CLIP_MODEL_NAME``; otherwise ``model_mismatch``.
 ``auth`` is ``{"v": 2, "ts", "nonce", "sig"}`` (the whole request signed, see :mod:`.signing`) or the
 guide's ``{"ts", "sig"}`` (version 1, URLs only).
@@ -17,7 +25,8 @@ guide's ``{"ts", "sig"}`` (version 1, URLs only).
 Responses (the job ``output``): single ``{"embedding", "dim", "model", "pretrained", "model_version",
 "request_id", "encoding", "timings": {"download_ms", "inference_ms", "total_ms"}}``; batch the same model
 fields plus ``results``, one per image in request order, each ``{"request_id", "embedding", "timings"}``
-or ``{"request_id", "error": {code, message, retryable}}``.
+or ``{"request_id", "error": {code, message, retryable}}``; text the same model fields plus
+``embeddings``, one per text in request order, and ``timings: {"inference_ms", "total_ms"}``.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ from .signing import (
 )
 
 MAX_BATCH_ITEMS = 512
+MAX_TEXTS = 256
+MAX_TEXT_CHARS = 1000  # CLIP reads 77 tokens; longer text is a mistake, not a query
 
 
 @dataclass(frozen=True)
@@ -69,12 +80,72 @@ class EmbedRequest:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class TextRequest:
+    """A parsed text job (always signed as version 2)."""
+
+    texts: tuple[str, ...]
+    ts: Any
+    sig: Any
+    nonce: str
+    message: str
+    normalize: bool = True
+    model: str | None = None
+    encoding: Encoding = "json"
+
+
+def is_text_request(job_input: Any) -> bool:
+    return isinstance(job_input, Mapping) and "texts" in job_input
+
+
 def _opt_str(value: Any, name: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidRequestError(f"{name} must be a string")
     return value
+
+
+def _common(job_input: Mapping[str, Any]) -> tuple[bool, Encoding, str | None]:
+    """``normalize``, ``encoding`` and ``model``, checked."""
+    normalize = job_input.get("normalize", True)
+    if not isinstance(normalize, bool):
+        raise InvalidRequestError("normalize must be true or false")
+    encoding = job_input.get("encoding", "json")
+    if encoding not in ENCODINGS:
+        raise InvalidRequestError(f"encoding must be one of {', '.join(ENCODINGS)}")
+    return normalize, encoding, _opt_str(job_input.get("model"), "model")
+
+
+def parse_text_request(job_input: Mapping[str, Any]) -> TextRequest:
+    """Validate a text job; raises :class:`InvalidRequestError`, or :class:`AuthError` for its auth."""
+    auth = job_input.get("auth")
+    if not isinstance(auth, Mapping) or auth.get("v") != LATEST_SIGNATURE_VERSION:
+        raise AuthError(
+            f"Authentication failed: text jobs are signed as version {LATEST_SIGNATURE_VERSION} "
+            '(auth {"v": 2, "ts", "nonce", "sig"}); update the caller'
+        )
+    texts = job_input.get("texts")
+    if not isinstance(texts, list) or not texts:
+        raise InvalidRequestError("texts must be a non-empty list of strings")
+    if len(texts) > MAX_TEXTS:
+        raise InvalidRequestError(f"a text job holds at most {MAX_TEXTS} texts, got {len(texts)}")
+    for text in texts:
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequestError("each texts[] entry must be a non-empty string")
+        if len(text) > MAX_TEXT_CHARS:
+            raise InvalidRequestError(f"a text is at most {MAX_TEXT_CHARS} characters, got {len(text)}")
+    normalize, encoding, model = _common(job_input)
+    return TextRequest(
+        texts=tuple(texts),
+        ts=auth.get("ts"),
+        sig=auth.get("sig"),
+        nonce=check_nonce(auth.get("nonce")),
+        message=request_message(job_input),
+        normalize=normalize,
+        model=model,
+        encoding=encoding,
+    )
 
 
 def parse_request(job_input: Any) -> EmbedRequest:
@@ -89,13 +160,7 @@ def parse_request(job_input: Any) -> EmbedRequest:
         raise AuthError(
             f"Authentication failed: auth.v must be one of {', '.join(map(str, SIGNATURE_VERSIONS))}"
         )
-    normalize = job_input.get("normalize", True)
-    if not isinstance(normalize, bool):
-        raise InvalidRequestError("normalize must be true or false")
-    encoding = job_input.get("encoding", "json")
-    if encoding not in ENCODINGS:
-        raise InvalidRequestError(f"encoding must be one of {', '.join(ENCODINGS)}")
-    model = _opt_str(job_input.get("model"), "model")
+    normalize, encoding, model = _common(job_input)
 
     if "images" in job_input:
         if "image_url" in job_input:
@@ -200,6 +265,22 @@ def build_batch_request(
         body["model"] = model
     if version == 1:
         return {**body, "auth": {"ts": ts, "sig": sign_batch(urls, ts, secret)}}
+    return sign_request(body, secret, ts=ts)
+
+
+def build_text_request(
+    texts: Iterable[str],
+    secret: str,
+    *,
+    model: str | None = None,
+    normalize: bool = True,
+    encoding: Encoding = "base64",
+    ts: int | None = None,
+) -> dict[str, Any]:
+    """A text job, signed whole (version 2)."""
+    body: dict[str, Any] = {"texts": list(texts), "normalize": normalize, "encoding": encoding}
+    if model is not None:
+        body["model"] = model
     return sign_request(body, secret, ts=ts)
 
 

@@ -21,7 +21,13 @@ import numpy as np
 
 from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import ClipError, InternalError, ModelMismatchError, encode_job_error
-from heimdex_clip_contract.schema import EmbedRequest, parse_request
+from heimdex_clip_contract.schema import (
+    EmbedRequest,
+    TextRequest,
+    is_text_request,
+    parse_request,
+    parse_text_request,
+)
 from heimdex_clip_contract.signing import Verifier
 from runpod_worker.config import WorkerConfig
 from runpod_worker.encoder import ClipEncoder
@@ -143,14 +149,7 @@ async def embed_downloaded(
     rows = iter(encoded)
     slots: list[np.ndarray | ClipError] = [p if isinstance(p, ClipError) else next(rows) for p in payloads]
     inference_ms = _ms(started)
-    encoder = state.encoder
-    head = {
-        "dim": encoder.dim,
-        "model": encoder.model_name,
-        "pretrained": encoder.pretrained,
-        "model_version": encoder.model_version,
-        "encoding": request.encoding,
-    }
+    head = _model_fields(state, request.encoding)
     timings = {"download_ms": download_ms, "inference_ms": inference_ms}
     if not request.batch:
         result = slots[0]
@@ -179,19 +178,53 @@ async def embed_downloaded(
     return {**head, "results": results, "timings": timings}
 
 
+def _check_model(state: WorkerState, model: str | None) -> None:
+    if model is not None and model != state.encoder.model_name:
+        raise ModelMismatchError(
+            f"Request asks for model {model!r}; this worker serves {state.encoder.model_name!r}"
+        )
+
+
+def _model_fields(state: WorkerState, encoding: str) -> dict[str, Any]:
+    encoder = state.encoder
+    return {
+        "dim": encoder.dim,
+        "model": encoder.model_name,
+        "pretrained": encoder.pretrained,
+        "model_version": encoder.model_version,
+        "encoding": encoding,
+    }
+
+
+async def embed_texts(state: WorkerState, request: TextRequest, started: float) -> dict[str, Any]:
+    """A text job: the text tower on every text in one forward pass (a search host's queries)."""
+    if state.verifier is not None:
+        state.verifier.verify(request.message, request.ts, request.sig, version=2, nonce=request.nonce)
+    _check_model(state, request.model)
+    inference_started = time.perf_counter()
+    vectors = await asyncio.get_running_loop().run_in_executor(
+        state.executor,
+        functools.partial(state.encoder.encode_text, request.texts, normalize=request.normalize),
+    )
+    return {
+        **_model_fields(state, request.encoding),
+        "embeddings": [encode_embedding(v, request.encoding) for v in vectors],
+        "timings": {"inference_ms": _ms(inference_started), "total_ms": _ms(started)},
+    }
+
+
 async def handle_input(job_input: Any, state: WorkerState, fetch: Fetcher | None = None) -> dict[str, Any]:
     """Parse, authenticate, fetch, embed. Raises :class:`ClipError` for a failed job."""
     started = time.perf_counter()
+    if is_text_request(job_input):
+        return await embed_texts(state, parse_text_request(job_input), started)
     request = parse_request(job_input)
     # Authenticate before anything else, so an unsigned caller learns nothing about the worker.
     if state.verifier is not None:
         state.verifier.verify(
             request.message, request.ts, request.sig, version=request.version, nonce=request.nonce
         )
-    if request.model is not None and request.model != state.encoder.model_name:
-        raise ModelMismatchError(
-            f"Request asks for model {request.model!r}; this worker serves {state.encoder.model_name!r}"
-        )
+    _check_model(state, request.model)
     fetch = fetch or http_fetcher(state.config)
     fetch_started = time.perf_counter()
     fetched = await fetch([item.image_url for item in request.items])
@@ -216,7 +249,15 @@ async def handler(job: Mapping[str, Any]) -> dict[str, Any]:
         logger.exception("Job failed unexpectedly (request_id=%s)", request_id)
         return encode_job_error(InternalError("Internal worker error; see the worker logs"))
     t = output["timings"]
-    if "results" in output:
+    if "embeddings" in output:
+        logger.info(
+            "CLIP text embedded (texts=%d, dim=%d, inference=%.1fms, total=%.1fms)",
+            len(output["embeddings"]),
+            output["dim"],
+            t["inference_ms"],
+            t["total_ms"],
+        )
+    elif "results" in output:
         failed = sum("error" in r for r in output["results"])
         logger.info(
             "CLIP batch embedded (images=%d, failed=%d, dim=%d, download=%.1fms, inference=%.1fms, "

@@ -40,7 +40,12 @@ from heimdex_clip_contract.errors import (
     error_from_dict,
     parse_remote_error,
 )
-from heimdex_clip_contract.schema import ImageItem, build_batch_request, build_single_request
+from heimdex_clip_contract.schema import (
+    ImageItem,
+    build_batch_request,
+    build_single_request,
+    build_text_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +187,28 @@ class RunPodClient:
         )
         self._check_model(output)
         return self._embedding(output, output, request_id)
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """The text tower on the worker: ``(len(texts), dim)`` float32, one job for all of them.
+
+        Raises a :class:`ClipError` when the job fails (after retries for retryable failures) or
+        returns anything but one finite vector of the expected width per text.
+        """
+        output = self._run_job(
+            lambda ts: build_text_request(
+                texts, self._secret, model=self.model_name, encoding="base64", ts=ts
+            )
+        )
+        self._check_model(output)
+        embeddings = output.get("embeddings")
+        if not isinstance(embeddings, list) or len(embeddings) != len(texts):
+            got = len(embeddings) if isinstance(embeddings, list) else "no"
+            raise RemoteError(
+                f"RunPod worker returned {got} embeddings for {len(texts)} texts; does it predate text "
+                "jobs? Deploy the current runpod_worker image",
+                retryable=False,
+            )
+        return np.stack([self._embedding(output, {"embedding": e}, None).vector for e in embeddings])
 
     def close(self) -> None:
         self._http.close()

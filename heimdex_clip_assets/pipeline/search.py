@@ -100,7 +100,9 @@ class RunPodQueryEncoder:
 
     def encode_image(self, data: bytes) -> np.ndarray:
         path = f"{QUERY_PREFIX}/{uuid.uuid4().hex}"
-        self.storage.upload(path, data, content_type="application/octet-stream")
+        with Image.open(io.BytesIO(data)) as image:  # the worker fetches only image/* content
+            content_type = image.get_format_mimetype() or "image/jpeg"
+        self.storage.upload(path, data, content_type=content_type)
         try:
             return self.encode_image_url(self.storage.create_signed_url(path, self.url_ttl_s))
         finally:

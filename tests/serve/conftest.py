@@ -28,7 +28,6 @@ from tests.worker.conftest import jpeg
 if TYPE_CHECKING:
     from runpod_worker.encoder import ClipEncoder
 
-MODEL_VERSION = "vit-b-32-random-ViT-B-32-v1".lower()
 API_KEY = "test-api-key-0123456789"
 JWT_SECRET = "test-jwt-secret-0123456789abcdef0123"
 PHRASES = ["a red car", "a dog on a beach", "a city at night", "snow on mountains"]
@@ -76,7 +75,7 @@ def add_video(
         "backend": "local",
         "model_name": "ViT-B-32",
         "pretrained": "random",
-        "model_version": MODEL_VERSION,
+        "model_version": encoder.model_version,
         "inference_time_ms": 1.0,
         "download_ms": 0.0,
         "total_ms": 1.0,
@@ -113,7 +112,7 @@ def library(
 
 
 def local_encoder(encoder: ClipEncoder) -> LocalQueryEncoder:
-    return LocalQueryEncoder(encoder, MODEL_VERSION, FetchPolicy(allow_private=True))
+    return LocalQueryEncoder(encoder, encoder.model_version, FetchPolicy(allow_private=True))
 
 
 MakeClient = Callable[..., TestClient]

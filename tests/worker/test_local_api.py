@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import httpx
+import numpy as np
 
 from heimdex_clip_contract.codec import decode_embedding
-from heimdex_clip_contract.schema import ImageItem, build_batch_request, build_single_request
+from heimdex_clip_contract.schema import (
+    ImageItem,
+    build_batch_request,
+    build_single_request,
+    build_text_request,
+)
 from tests.fixtures.worker import ImageServer
+
+if TYPE_CHECKING:
+    from runpod_worker.encoder import ClipEncoder
 
 
 def test_runsync_signed_batch(
@@ -34,3 +44,23 @@ def test_runsync_bad_signature_is_failed_job(worker_url: str, image_server: Imag
     reply = httpx.post(f"{worker_url}/runsync", json={"input": body}, timeout=60).json()
     assert reply["status"] == "FAILED"
     assert json.loads(reply["error"])["code"] == "auth_failed"
+
+
+def test_runsync_text_job(worker_url: str, worker_secret: str, worker_encoder: ClipEncoder) -> None:
+    """The text tower behind the SDK: one signed job, one vector per text, as the encoder makes them."""
+    texts = ["a red car", "a dog on a beach"]
+    body = build_text_request(texts, worker_secret, model="ViT-B-32")
+    reply = httpx.post(f"{worker_url}/runsync", json={"input": body}, timeout=60).json()
+    assert reply["status"] == "COMPLETED", reply
+    got = np.array([decode_embedding(e, 512) for e in reply["output"]["embeddings"]])
+    np.testing.assert_allclose(got, worker_encoder.encode_text(texts), atol=1e-5)
+    assert reply["output"]["model_version"] == worker_encoder.model_version
+
+
+def test_text_jobs_are_signed_whole(worker_url: str, worker_secret: str) -> None:
+    body = build_text_request(["a red car"], worker_secret)
+    tampered = {**body, "texts": ["a blue car"]}  # a query swapped in flight
+    unsigned_v1 = {"texts": ["a red car"], "auth": {"ts": body["auth"]["ts"], "sig": body["auth"]["sig"]}}
+    for job in (tampered, unsigned_v1):
+        reply = httpx.post(f"{worker_url}/runsync", json={"input": job}, timeout=60).json()
+        assert reply["status"] == "FAILED" and json.loads(reply["error"])["code"] == "auth_failed", reply
