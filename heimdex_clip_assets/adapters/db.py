@@ -238,6 +238,17 @@ class VectorStore:
             ).fetchall()
         return [RegisteredVideo(str(r["id"]), f"{r['created_at'].isoformat()}|{r['id']}") for r in rows]
 
+    def videos_done(self, video_ids: Sequence[str], model_version: str) -> set[str]:
+        """Those of ``video_ids`` whose scenes exist and all carry a ``model_version`` embedding."""
+        with self._connect(vectors=False) as conn:
+            rows = conn.execute(
+                "SELECT video_id FROM video_scenes WHERE video_id = ANY(%s::uuid[]) GROUP BY video_id"
+                " HAVING count(*) FILTER (WHERE embedding_visual_clip IS NULL"
+                "        OR visual_clip_metadata->>'model_version' IS DISTINCT FROM %s) = 0",
+                (list(video_ids), model_version),
+            ).fetchall()
+        return {str(row["video_id"]) for row in rows}
+
     def query(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict[str, Any]]:
         """Rows of a read-only SQL statement, e.g. the README's monitoring queries."""
         with self._connect() as conn:

@@ -76,10 +76,11 @@ def materialize_video(video_id: str, settings: Settings) -> None:
     import dagster as dg
 
     from heimdex_clip_assets.definitions import defs
-    from heimdex_clip_assets.defs.partitions import videos_partitions
+    from heimdex_clip_assets.defs.partitions import video_labels, videos_partitions
 
     store = services.vector_store(settings)
-    if store.get_video(video_id) is None:
+    video = store.get_video(video_id)
+    if video is None:
         raise NotFoundError(f"Unknown video id {video_id}; add it first with `heimdex-clip add-video FILE`")
     os.environ.update(dagster_env(settings))
     instance = dg.DagsterInstance.get()
@@ -90,6 +91,7 @@ def materialize_video(video_id: str, settings: Settings) -> None:
         .execute_in_process(
             partition_key=video_id,
             instance=instance,
+            tags=video_labels(video),
             raise_on_error=False,
             run_config={
                 # The command's backend (a --backend flag included) for the assets and the checks alike.

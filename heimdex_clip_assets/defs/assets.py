@@ -6,12 +6,13 @@ from contextlib import contextmanager
 
 import dagster as dg
 
+from heimdex_clip_assets.adapters.db import VideoRecord
 from heimdex_clip_assets.pipeline import embed, keyframes
 from heimdex_clip_assets.pipeline.embed import SignedUrl
 from heimdex_clip_assets.pipeline.keyframes import SceneParams
 from heimdex_clip_contract.errors import ClipError
 
-from .partitions import videos_partitions
+from .partitions import video_labels, videos_partitions
 from .resources import ClipInferenceResource, StorageResource, VectorStoreResource
 
 GROUP = "video_scenes"
@@ -36,6 +37,18 @@ def _failure_says_what_to_do() -> Iterator[None]:
         raise dg.Failure(
             description=exc.message, metadata={"code": exc.code, "retryable": exc.retryable}
         ) from exc
+
+
+def _labels(video: VideoRecord | None) -> dict[str, str]:
+    """The video's file name (and owner) as metadata keys: what the partition's bare uuid stands for."""
+    return {key.removeprefix("heimdex/"): value for key, value in video_labels(video).items()}
+
+
+def _embedding_status(computed: int, cache_hits: int, scene_count: int) -> str:
+    """One line for the UI: what this materialization did, including why it did nothing."""
+    if computed == cache_hits == 0:
+        return f"already current: {scene_count} scenes"
+    return f"embedded {computed + cache_hits} of {scene_count} scenes ({cache_hits} from the cache)"
 
 
 def _jpeg_markdown(jpeg: bytes) -> dg.MetadataValue:
@@ -73,6 +86,7 @@ def scene_keyframes(
     )
     return dg.MaterializeResult(
         metadata={
+            **_labels(video),
             "scene_count": len(report.scenes),
             "duration_s": video.duration_s,
             "resolution": f"{video.width}x{video.height}",
@@ -134,11 +148,15 @@ def scene_clip_embeddings(
             expires_in=storage.settings().signed_url_expires_s,
             logger=context.log,
         )
+    scene_count = len(store.scenes(context.partition_key))
+    computed = report.embedded - report.cache_hits
     metadata: dict[str, object] = {
-        "scene_count": len(store.scenes(context.partition_key)),
+        **_labels(store.get_video(context.partition_key)),
+        "status": _embedding_status(computed, report.cache_hits, scene_count),
+        "scene_count": scene_count,
         "backend": report.backend,
         "model_version": report.model_version,
-        "computed": report.embedded - report.cache_hits,
+        "computed": computed,
         "cache_hits": report.cache_hits,
         "urls_resigned": report.resigned,
         "failures": len(report.failures),

@@ -6,7 +6,7 @@ from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.pipeline import register
 
 from .assets import ingest_video_job
-from .partitions import videos_partitions
+from .partitions import video_labels, videos_partitions
 from .resources import StorageResource, VectorStoreResource
 
 
@@ -33,10 +33,20 @@ def new_videos_sensor(
     new = store.videos_registered_after(context.cursor, limit=settings.sensor_max_runs)
     if not new:
         return dg.SkipReason("No new videos")
+    # A video processed before the sensor saw it (`demo`, `process-video`) needs no run: one would
+    # recompute nothing. The cursor moves past it all the same.
+    done = store.videos_done([v.id for v in new], settings.clip_model_version)
+    if done:
+        context.log.info(f"Skipped {len(done)} video(s) already done: {', '.join(sorted(done))}")
+    todo = [v for v in new if v.id not in done]
     known = set(context.instance.get_dynamic_partitions(videos_partitions.name))
     to_add = [v.id for v in new if v.id not in known]
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(partition_key=v.id, run_key=v.id) for v in new],
+        run_requests=[
+            dg.RunRequest(partition_key=v.id, run_key=v.id, tags=video_labels(store.get_video(v.id)))
+            for v in todo
+        ],
         dynamic_partitions_requests=[videos_partitions.build_add_request(to_add)] if to_add else [],
         cursor=new[-1].cursor,
+        skip_reason=None if todo else f"{len(done)} new video(s), all already done",
     )

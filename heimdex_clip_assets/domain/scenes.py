@@ -182,9 +182,14 @@ def make_thumbnail(image: Image.Image, *, max_side: int = 480, quality: int = 85
 
 
 def contact_sheet(images: Sequence[Image.Image | bytes], *, columns: int = 6, tile_width: int = 160) -> bytes:
-    """A JPEG grid of keyframes, each labelled with its position (the scene index), for a quick look."""
-    tile_height = tile_width * 9 // 16
+    """A JPEG grid of keyframes, each labelled with its position (the scene index), for a quick look.
+
+    ``columns`` is the most per row; the grid is sized to the images (3 scenes: one row of 3; 7: two rows
+    of 4), so at most one row has an empty cell and never more empty cells than rows.
+    """
     rows = max(1, math.ceil(len(images) / columns))
+    columns = max(1, math.ceil(len(images) / rows))
+    tile_height = tile_width * 9 // 16
     sheet = Image.new("RGB", (columns * tile_width, rows * tile_height), "black")
     draw = ImageDraw.Draw(sheet)
     font = ImageFont.load_default(size=max(10, tile_height // 6))

@@ -111,5 +111,6 @@ def extract_keyframes(
         video=store.get_video(video_id) or video,
         scenes=store.scenes(video_id),
         contact_sheet_jpeg=contact_sheet(thumbs),
-        timings_s=timings,
+        # Milliseconds are what a person reads (the UI shows these as they are); more digits are noise.
+        timings_s={stage: round(seconds, 3) for stage, seconds in timings.items()},
     )

@@ -128,6 +128,14 @@ def test_contact_sheet_is_a_grid_of_images_or_jpegs() -> None:
     assert (sheet.format, sheet.size) == ("JPEG", (300, 3 * 56))
 
 
+@pytest.mark.parametrize(
+    ("count", "grid"), [(1, (1, 1)), (3, (3, 1)), (6, (6, 1)), (7, (4, 2)), (60, (6, 10))]
+)
+def test_contact_sheet_is_sized_to_the_scene_count(count: int, grid: tuple[int, int]) -> None:
+    sheet = Image.open(io.BytesIO(contact_sheet([Image.new("RGB", (64, 36), "red")] * count, tile_width=64)))
+    assert sheet.size == (grid[0] * 64, grid[1] * 36)
+
+
 @pytest.fixture
 def audio_only(tmp_path: Path) -> Path:
     path = tmp_path / "speech.mp4"
