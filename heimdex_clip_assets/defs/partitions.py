@@ -11,4 +11,5 @@ def video_labels(video: VideoRecord | None) -> dict[str, str]:
     and materializations as metadata."""
     if video is None:
         return {}
-    return {"heimdex/file_name": video.filename} if video.filename else {}
+    labels = {"heimdex/file_name": video.filename, "heimdex/owner_id": video.owner_id}
+    return {key: value for key, value in labels.items() if value}
