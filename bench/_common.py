@@ -40,8 +40,7 @@ def add_video_args(parser: argparse.ArgumentParser, *, scenes: int, scene_second
 @contextmanager
 def isolated_home() -> Iterator[Path]:
     """A temporary HEIMDEX_HOME with embedded Postgres + storage, stopped and deleted on exit."""
-    from heimdex_clip_assets.lib import services
-
+    from heimdex_clip_assets import services
     from heimdex_clip_assets.config import Settings
 
     saved = dict(os.environ)

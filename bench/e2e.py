@@ -86,9 +86,9 @@ def run_breakdown(
             assert isinstance(seconds, dict), seconds
             inner = {f"keyframes: {k}": float(seconds[k]) for k in KEYFRAME_STAGES}
         elif step.step_key == "scene_clip_embeddings":
-            # embed_video's wall_s: thumbnail reads + decode + encode + the DB write. The rest of the
+            # The engine's wall_s: thumbnail reads + decode + encode + the DB writes. The rest of the
             # step is mostly the model load (the local backend is built inside the step).
-            inner = {"embeddings: embed_video": float(meta["scene_clip_embeddings"]["wall_s"])}
+            inner = {"embeddings: engine": float(meta["scene_clip_embeddings"]["wall_s"])}
         parts.update(inner)
         parts[f"{step.step_key}: rest of step"] = step_s - sum(inner.values())
     parts["dagster: after last step"] = run_stats.end_time - previous_end

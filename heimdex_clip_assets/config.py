@@ -19,11 +19,16 @@ from pathlib import Path
 from typing import Literal
 
 from heimdex_clip_contract.errors import ConfigError
-from heimdex_clip_contract.schema import derive_model_version
+from heimdex_clip_contract.schema import MAX_BATCH_ITEMS, derive_model_version
 
 Backend = Literal["runpod", "local", "off"]
 BACKENDS: tuple[str, ...] = ("runpod", "local", "off")
 DEFAULT_RUNPOD_BASE_URL = "https://api.runpod.ai/v2"
+# Images per job: the worker takes up to 512 and a GPU needs hundreds to stay busy; on a CPU a forward
+# pass of 32 already uses every core, and bigger ones only hold more memory.
+DEFAULT_BATCH_SIZE = {"runpod": 256, "local": 32, "off": 32}
+# Jobs in flight: the `clip_inference` pool's default limit (dagster.yaml); match RunPod max workers.
+DEFAULT_MAX_IN_FLIGHT = 3
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -106,6 +111,7 @@ class Settings:
     clip_model_version: str
     clip_precision: str | None
     clip_batch_size: int
+    runpod_max_in_flight: int
     runpod_api_key: str | None
     runpod_endpoint_id: str | None
     runpod_base_url: str
@@ -117,17 +123,23 @@ class Settings:
     inbox_settle_s: float
     sensor_max_runs: int
     backfill_cron: str
-    backfill_max_runs: int
     storage_file_size_limit: int
     search_api_keys: tuple[str, ...]
     supabase_jwt_secret: str | None
     search_cache_size: int
     search_video_url_expires_s: int
     max_image_size_bytes: int
+    partitions_per_run: int
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (a CLI flag, a run's config)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    @property
+    def max_in_flight(self) -> int:
+        """Jobs the engine keeps in flight: RunPod's workers, or two locally (one reading images while
+        the other runs the model, which already uses every core)."""
+        return self.runpod_max_in_flight if self.clip_backend == "runpod" else 2
 
     @property
     def clip_dim(self) -> int:
@@ -180,7 +192,8 @@ class Settings:
             clip_model_version=_get(env, "CLIP_MODEL_VERSION")
             or derive_model_version(model_name, pretrained),
             clip_precision=precision,
-            clip_batch_size=env_int(env, "CLIP_BATCH_SIZE", 32, minimum=1),
+            clip_batch_size=env_int(env, "CLIP_BATCH_SIZE", DEFAULT_BATCH_SIZE[backend], minimum=1),
+            runpod_max_in_flight=env_int(env, "RUNPOD_MAX_IN_FLIGHT", DEFAULT_MAX_IN_FLIGHT, minimum=1),
             runpod_api_key=_get(env, "RUNPOD_API_KEY"),
             runpod_endpoint_id=_get(env, "RUNPOD_CLIP_ENDPOINT_ID"),
             runpod_base_url=(_get(env, "RUNPOD_ENDPOINT_BASE_URL") or DEFAULT_RUNPOD_BASE_URL).rstrip("/"),
@@ -192,7 +205,6 @@ class Settings:
             inbox_settle_s=env_number(env, "HEIMDEX_INBOX_SETTLE_S", 10.0),
             sensor_max_runs=env_int(env, "HEIMDEX_SENSOR_MAX_RUNS", 50, minimum=1),
             backfill_cron=_get(env, "HEIMDEX_BACKFILL_CRON") or "0 * * * *",
-            backfill_max_runs=env_int(env, "HEIMDEX_BACKFILL_MAX_RUNS", 10, minimum=1),
             # The embedded storage server's upload cap; Supabase's default global limit is 50 MiB.
             storage_file_size_limit=env_int(
                 env, "HEIMDEX_STORAGE_FILE_SIZE_LIMIT", 50 * 1024 * 1024, minimum=1
@@ -205,7 +217,13 @@ class Settings:
             search_cache_size=env_int(env, "SEARCH_CACHE_SIZE", 1024),
             search_video_url_expires_s=env_int(env, "SEARCH_VIDEO_URL_EXPIRES_S", 3600, minimum=10),
             max_image_size_bytes=env_int(env, "MAX_IMAGE_SIZE_BYTES", 10 * 1024 * 1024, minimum=1024),
+            partitions_per_run=env_int(env, "HEIMDEX_PARTITIONS_PER_RUN", 100, minimum=1),
         )
+        if settings.clip_backend == "runpod" and settings.clip_batch_size > MAX_BATCH_ITEMS:
+            raise ConfigError(
+                f"CLIP_BATCH_SIZE={settings.clip_batch_size} is more than the worker takes in one job "
+                f"({MAX_BATCH_ITEMS}); use {DEFAULT_BATCH_SIZE['runpod']}"
+            )
         # RunPod's credentials are checked where a RunPod client is made, not here: reading the database
         # or storage (a sensor tick, `search`) must not fail on settings it does not use.
         return settings

@@ -12,6 +12,8 @@ from .errors import InternalError, InvalidImageError, InvalidRequestError, Model
 
 Encoding = Literal["json", "base64"]
 ENCODINGS: tuple[str, ...] = ("json", "base64")
+# How far from 1 a normalized embedding's L2 norm may be: fp16 on a GPU worker lands within ~1e-3.
+NORM_TOLERANCE = 1e-2
 
 
 def encode_embedding(values: Sequence[float] | Any, encoding: Encoding) -> list[float] | str:

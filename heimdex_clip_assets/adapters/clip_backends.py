@@ -30,6 +30,7 @@ from heimdex_clip_contract.errors import (
     ConfigError,
     InvalidRequestError,
     ModelMismatchError,
+    NotFoundError,
     RequestTimeoutError,
 )
 from heimdex_clip_contract.schema import ImageItem
@@ -39,18 +40,17 @@ if TYPE_CHECKING:  # the encoder imports torch; only the local backend and text 
     from runpod_worker.encoder import ClipEncoder
 
 DOWNLOAD_THREADS = 8  # thumbnail downloads are I/O bound; the model, not the network, should be the limit
-# One failed batch of these means every other batch fails the same way: stop instead of logging each scene.
+# One failed job of these means every other job fails the same way: stop instead of logging each scene.
 SYSTEMIC_ERRORS = (AuthError, ModelMismatchError, ConfigError)
 
 
 @dataclass(frozen=True)
 class SceneImage:
-    """One image to embed: ``url`` (signed, for the runpod backend) and/or ``storage_path`` or ``data``
-    (for the local backend, which reads bytes in memory first and otherwise downloads from storage)."""
+    """One image to embed: its thumbnail's ``storage_path`` (signed for the runpod backend right before
+    its job is sent, downloaded by the local one), or its bytes in ``data``."""
 
     key: int | str
     storage_path: str | None = None
-    url: str | None = None
     data: bytes | None = None
 
 
@@ -89,7 +89,6 @@ def settings_encoder(settings: Settings) -> ClipEncoder:
 class ClipBackend(ABC):
     name: ClassVar[str]
     enabled: ClassVar[bool] = True
-    needs_urls: ClassVar[bool] = False  # True when images travel as signed URLs (SceneImage.url)
 
     def __init__(self, *, model_name: str, pretrained: str, model_version: str, dim: int) -> None:
         self.model_name = model_name
@@ -99,8 +98,9 @@ class ClipBackend(ABC):
 
     @abstractmethod
     def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
-        """One result per image, in order. Raises only for errors that no other image can escape
-        (bad credentials, wrong model); per-image and per-batch failures come back in their slots."""
+        """Embed ``images`` as one job: one result per image, in order. Raises for a job that failed as a
+        whole, and for errors no other job can escape (bad credentials, wrong model); per-image failures
+        come back in their slots. Safe to call from several threads at once."""
 
     def _result(self, vector: np.ndarray, **timings: float | int) -> EmbeddingResult:
         # The vector store ranks by cosine on unit vectors; a remote worker is outside our control, so
@@ -118,18 +118,15 @@ class ClipBackend(ABC):
 
 
 class RunPodBackend(ClipBackend):
-    """Signed URLs to the RunPod worker, ``batch_size`` images per job."""
+    """Thumbnails as short-lived signed URLs to the RunPod worker, one job per call.
+
+    URLs are signed right before the job goes out, and again by the client before each retry, so a URL
+    never waits in a queue while its expiry runs down.
+    """
 
     name = "runpod"
-    needs_urls = True
 
-    def __init__(
-        self,
-        client: RunPodClient,
-        *,
-        pretrained: str,
-        batch_size: int = 32,
-    ) -> None:
+    def __init__(self, client: RunPodClient, storage: Storage, *, pretrained: str, expires_in: int) -> None:
         if client.model_name is None or client.model_version is None or client.dim is None:
             raise ConfigError(
                 "RunPodBackend needs a client that knows the expected model name, version and dim"
@@ -141,35 +138,37 @@ class RunPodBackend(ClipBackend):
             dim=client.dim,
         )
         self.client = client
-        self.batch_size = batch_size
+        self.storage = storage
+        self.expires_in = expires_in
 
     def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
-        out: list[EmbeddingResult | ClipError] = []
-        for start in range(0, len(images), self.batch_size):
-            out.extend(self._embed_batch(images[start : start + self.batch_size]))
-        return out
-
-    def _embed_batch(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
+        started = time.perf_counter()
+        paths = {str(img.key): str(img.storage_path) for img in images}
+        urls = self.storage.create_signed_urls(list(paths.values()), self.expires_in, missing_ok=True)
         slots: list[EmbeddingResult | ClipError] = [
-            InvalidRequestError(f"Scene {img.key}: no signed URL to send to RunPod; sign its thumbnail first")
+            NotFoundError(
+                f"Scene {img.key}: its thumbnail {img.storage_path} is not in storage; rerun "
+                "scene_keyframes for its video"
+            )
             for img in images
         ]
-        todo = [i for i, img in enumerate(images) if img.url]
-        if not todo:
+        sendable = [i for i, img in enumerate(images) if img.storage_path in urls]
+        if not sendable:
             return slots
-        started = time.perf_counter()
-        try:
-            remote = self.client.embed_batch(
-                [ImageItem(str(images[i].url), str(images[i].key)) for i in todo]
-            )
-        except SYSTEMIC_ERRORS:
-            raise
-        except ClipError as err:  # the whole job failed after retries: each scene records why
-            remote = [err] * len(todo)
-        # What the pipeline waited per image: the job's round trip shared by its images (queue and
-        # network included, unlike the worker's own timings).
-        total_ms = (time.perf_counter() - started) * 1000 / len(todo)
-        for i, item in zip(todo, remote, strict=True):
+
+        def resign(items: Sequence[ImageItem]) -> list[ImageItem]:
+            again = [paths[str(i.request_id)] for i in items]
+            fresh = self.storage.create_signed_urls(again, self.expires_in)
+            return [ImageItem(fresh[path], i.request_id) for path, i in zip(again, items, strict=True)]
+
+        remote = self.client.embed_batch(
+            [ImageItem(urls[str(images[i].storage_path)], str(images[i].key)) for i in sendable],
+            resign=resign,
+        )
+        # What the pipeline waited per image: the job's round trip shared by its images (signing, queue
+        # and network included, unlike the worker's own timings).
+        total_ms = (time.perf_counter() - started) * 1000 / len(sendable)
+        for i, item in zip(sendable, remote, strict=True):
             slots[i] = (
                 item
                 if isinstance(item, ClipError)
@@ -179,24 +178,19 @@ class RunPodBackend(ClipBackend):
                     download_ms=item.download_ms,
                     total_ms=total_ms,
                     worker_total_ms=item.total_ms,
-                    batch_size=len(todo),
+                    batch_size=len(sendable),
                 )
             )
         return slots
 
 
 class LocalBackend(ClipBackend):
-    """The worker's encoder in this process (CPU, or a local GPU), ``batch_size`` images per forward pass."""
+    """The worker's encoder in this process (CPU, or a local GPU), one forward pass per call."""
 
     name = "local"
 
     def __init__(
-        self,
-        encoder: ClipEncoder,
-        storage: Storage | None,
-        *,
-        batch_size: int = 32,
-        model_version: str | None = None,
+        self, encoder: ClipEncoder, storage: Storage | None, *, model_version: str | None = None
     ) -> None:
         super().__init__(
             model_name=encoder.model_name,
@@ -206,20 +200,11 @@ class LocalBackend(ClipBackend):
         )
         self.encoder = encoder
         self.storage = storage
-        self.batch_size = batch_size
+        self._downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="clip-download")
 
     def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
-        out: list[EmbeddingResult | ClipError] = []
-        with ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="clip-download") as pool:
-            for start in range(0, len(images), self.batch_size):
-                out.extend(self._embed_batch(images[start : start + self.batch_size], pool))
-        return out
-
-    def _embed_batch(
-        self, images: Sequence[SceneImage], pool: ThreadPoolExecutor
-    ) -> list[EmbeddingResult | ClipError]:
         started = time.perf_counter()
-        fetched = list(pool.map(self._read, images))
+        fetched = list(self._downloads.map(self._read, images))
         blobs = [data for data, _ in fetched if isinstance(data, bytes)]
         if not blobs:
             return [data for data, _ in fetched if isinstance(data, ClipError)]
@@ -286,17 +271,15 @@ def make_backend(settings: Settings, storage: Storage | None) -> ClipBackend:
             dim=settings.clip_dim,
         )
     if settings.clip_backend == "runpod":
+        if storage is None:
+            raise ConfigError("the runpod backend needs storage to sign thumbnail URLs")
         return RunPodBackend(
             RunPodClient.from_settings(settings),
+            storage,
             pretrained=settings.clip_pretrained,
-            batch_size=settings.clip_batch_size,
+            expires_in=settings.signed_url_expires_s,
         )
-    return LocalBackend(
-        settings_encoder(settings),
-        storage,
-        batch_size=settings.clip_batch_size,
-        model_version=settings.clip_model_version,
-    )
+    return LocalBackend(settings_encoder(settings), storage, model_version=settings.clip_model_version)
 
 
 # -------------------------------------------------------------------------------------- log lines

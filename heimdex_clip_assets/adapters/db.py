@@ -83,6 +83,27 @@ class EmbeddingRow:
 
 
 @dataclass(frozen=True)
+class SceneEmbedding:
+    """A vector for one scene, addressed by the scene's id (so one write can span videos)."""
+
+    scene_id: str
+    vector: Sequence[float] | np.ndarray
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SceneToEmbed:
+    """What the embedding engine needs of a scene: no vectors, so a page of them stays small."""
+
+    id: str
+    video_id: str
+    index: int
+    thumbnail_path: str
+    thumbnail_sha256: str | None
+    embedded_at: float | None  # when its current vector was made, if it has one
+
+
+@dataclass(frozen=True)
 class RegisteredVideo:
     """A video id with its place in registration order, as an opaque sensor cursor."""
 
@@ -366,36 +387,118 @@ class VectorStore:
                     f"only {cur.rowcount} of {len(params)} scenes of video {video_id} exist; nothing written"
                 )
 
-    def scenes_needing_embeddings(
+    def write_scene_embeddings(self, rows: Sequence[SceneEmbedding]) -> None:
+        """Store embeddings of scenes of any videos in one transaction (one engine job's results).
+
+        Validated before the first write; a failure rolls the whole job back, so a crash leaves the
+        previous embeddings, and writing the same rows again changes nothing.
+        """
+        params = []
+        for row in rows:
+            vector = self._check_vector(row.vector, f"embedding of scene {row.scene_id}")
+            missing = [key for key in METADATA_KEYS if key not in row.metadata]
+            if missing:
+                raise InvalidRequestError(f"metadata of scene {row.scene_id} lacks {', '.join(missing)}")
+            params.append((vector, Jsonb(row.metadata), row.scene_id))
+        if not params:
+            return
+        with self._connect() as conn, conn.cursor() as cur:
+            cur.executemany(
+                "UPDATE video_scenes SET embedding_visual_clip = %s, visual_clip_metadata = %s,"
+                " updated_at = now() WHERE id = %s",
+                params,
+            )
+
+    def iter_scenes_to_embed(
         self,
         model_version: str,
         *,
-        video_id: str | None = None,
+        video_ids: Sequence[str] | None = None,
         force: bool = False,
-        limit: int | None = None,
-    ) -> list[SceneRecord]:
-        """Scenes with no embedding, or one from another model version (``force``: every scene)."""
-        with self._connect() as conn:
-            rows = conn.execute(
-                f"SELECT {self._SCENE_COLUMNS} FROM video_scenes"
-                " WHERE (%(video_id)s::uuid IS NULL OR video_id = %(video_id)s)"
-                " AND (%(force)s OR embedding_visual_clip IS NULL"
-                "      OR visual_clip_metadata->>'model_version' IS DISTINCT FROM %(model_version)s)"
-                ' ORDER BY video_id, "index" LIMIT %(limit)s',
-                {"video_id": video_id, "force": force, "model_version": model_version, "limit": limit},
-            ).fetchall()
-        return [self._scene(row) for row in rows]
+        page_size: int = 1000,
+    ) -> Iterator[list[SceneToEmbed]]:
+        """Pages of scenes with no embedding or one from another model version (``force``: every
+        scene), of ``video_ids`` or the whole library, in (video, index) order.
 
-    def videos_needing_embeddings(self, model_version: str, limit: int) -> list[str]:
+        Keyset pagination: each page is one short query starting after the previous page's last
+        scene, so memory holds one page whatever the library's size, and no transaction stays open
+        while the caller works on a page (rows written meanwhile are simply not seen again).
+        """
+        after: tuple[str, int] = (str(uuid.UUID(int=0)), -1)
+        while True:
+            with self._connect(vectors=False) as conn:
+                rows = conn.execute(
+                    'SELECT id, video_id, "index", thumbnail_path, thumbnail_sha256,'
+                    " visual_clip_metadata->>'embedded_at' AS embedded_at FROM video_scenes"
+                    ' WHERE (video_id, "index") > (%(vid)s::uuid, %(idx)s)'
+                    " AND (%(ids)s::uuid[] IS NULL OR video_id = ANY(%(ids)s::uuid[]))"
+                    " AND (%(force)s OR embedding_visual_clip IS NULL"
+                    "      OR visual_clip_metadata->>'model_version' IS DISTINCT FROM %(mv)s)"
+                    ' ORDER BY video_id, "index" LIMIT %(limit)s',
+                    {
+                        "vid": after[0],
+                        "idx": after[1],
+                        "ids": list(video_ids) if video_ids is not None else None,
+                        "force": force,
+                        "mv": model_version,
+                        "limit": page_size,
+                    },
+                ).fetchall()
+            if not rows:
+                return
+            yield [
+                SceneToEmbed(
+                    id=str(r["id"]),
+                    video_id=str(r["video_id"]),
+                    index=r["index"],
+                    thumbnail_path=r["thumbnail_path"],
+                    thumbnail_sha256=r["thumbnail_sha256"],
+                    embedded_at=float(r["embedded_at"]) if r["embedded_at"] is not None else None,
+                )
+                for r in rows
+            ]
+            after = (str(rows[-1]["video_id"]), rows[-1]["index"])
+
+    def embedding_backlog(self, model_version: str, *, force: bool = False) -> Iterator[tuple[str, int]]:
+        """(video id, scenes to embed) per video with work, streamed through a server-side cursor."""
+        with self._connect(vectors=False) as conn, conn.cursor(name="backlog") as cur:
+            cur.execute(
+                "SELECT video_id, count(*) AS n FROM video_scenes"
+                " WHERE %(force)s OR embedding_visual_clip IS NULL"
+                "    OR visual_clip_metadata->>'model_version' IS DISTINCT FROM %(mv)s"
+                " GROUP BY video_id ORDER BY video_id",
+                {"force": force, "mv": model_version},
+            )
+            for row in cur:
+                yield str(row["video_id"]), int(row["n"])
+
+    def videos_needing_embeddings(self, model_version: str, video_ids: Sequence[str]) -> list[str]:
+        """Those of ``video_ids`` with a scene that lacks a ``model_version`` embedding."""
         with self._connect(vectors=False) as conn:
             rows = conn.execute(
-                "SELECT v.id FROM videos v WHERE EXISTS (SELECT 1 FROM video_scenes s"
-                " WHERE s.video_id = v.id AND (s.embedding_visual_clip IS NULL"
-                " OR s.visual_clip_metadata->>'model_version' IS DISTINCT FROM %s))"
-                " ORDER BY v.created_at, v.id LIMIT %s",
-                (model_version, limit),
+                "SELECT DISTINCT video_id FROM video_scenes WHERE video_id = ANY(%s::uuid[])"
+                " AND (embedding_visual_clip IS NULL"
+                "      OR visual_clip_metadata->>'model_version' IS DISTINCT FROM %s)",
+                (list(video_ids), model_version),
             ).fetchall()
-        return [str(row["id"]) for row in rows]
+        return [str(row["video_id"]) for row in rows]
+
+    def refresh_embedding_status(self, video_ids: Sequence[str], model_version: str) -> None:
+        """Make each video's status say what its scenes hold: ``embedded`` when every scene has a
+        ``model_version`` embedding, ``embedding_incomplete`` otherwise (videos with no scenes keep
+        theirs)."""
+        with self._connect(vectors=False) as conn:
+            conn.execute(
+                "UPDATE videos v SET status = CASE WHEN s.missing = 0 THEN 'embedded'"
+                " ELSE 'embedding_incomplete' END,"
+                " error = CASE WHEN s.missing = 0 THEN NULL ELSE s.missing || ' scene(s) without a CLIP"
+                " embedding; run the backfill again' END, updated_at = now()"
+                " FROM (SELECT video_id, count(*) FILTER (WHERE embedding_visual_clip IS NULL"
+                "        OR visual_clip_metadata->>'model_version' IS DISTINCT FROM %s) AS missing"
+                "       FROM video_scenes WHERE video_id = ANY(%s::uuid[]) GROUP BY video_id) s"
+                " WHERE v.id = s.video_id",
+                (model_version, list(video_ids)),
+            )
 
     def cached_embeddings(
         self, sha256s: Sequence[str], model_version: str

@@ -1,35 +1,52 @@
-"""The pipeline's side of the RunPod worker: signed requests, polling, retries, typed errors.
+"""The pipeline's side of the RunPod worker: signed jobs, polling, the one retry layer, checked results.
 
-The seed's "Heimdex Worker Adapter", grown to batches. One call is one RunPod job:
+The guide's "Heimdex Worker Adapter", grown to batches. One :meth:`RunPodClient.embed_batch` call is one
+batch of images, sent as one RunPod job (plus retries):
 
 * ``POST {url}/runsync`` with ``Authorization: Bearer <RUNPOD_API_KEY>`` and ``{"input": <signed request>}``.
   RunPod may answer ``IN_QUEUE``/``IN_PROGRESS`` (a cold start outlives its ~90 s wait) with only a job id;
-  we then poll ``{url}/status/{id}`` until a final state or the ``RUNPOD_TIMEOUT_S`` deadline. A job still
-  pending at the deadline is cancelled (``POST {url}/cancel/{id}``, best effort) before any retry.
-* Retryable failures (network, HTTP 429/5xx, timeouts, FAILED jobs whose error is retryable) are retried
-  with exponential backoff and full jitter; everything else is raised at once. Auth failures above all:
-  a bad ``RUNPOD_API_KEY`` or ``EMBEDDING_HMAC_SECRET`` will not get better by asking again.
+  we then poll ``{url}/status/{id}`` until a final state.
+* ``RUNPOD_TIMEOUT_S`` is a deadline for the whole call: connecting, waiting for the answer, polling,
+  backoff and retries all fall within it. A job still pending at the deadline is cancelled
+  (``POST {url}/cancel/{id}``, best effort, in the background).
+* This is the only layer that retries. Retryable failures of the whole job (network, HTTP 429/5xx, FAILED
+  jobs whose error is retryable) are retried with exponential backoff and full jitter; so are the images
+  whose own slot failed retryably (``image_download_failed`` above all: an expired URL), and only those.
+  Before every retry the caller's ``resign`` gives the images fresh signed URLs. Everything else is
+  final at once; auth failures above all.
+* Every result is checked before it is believed: matched to its image by ``request_id`` (never by
+  position), JSON numbers or base64 float32 only, the model's width, finite, and of unit norm. A bad slot
+  fails that image alone.
 * Every attempt is signed afresh with a strictly newer ``ts``: the worker refuses a signature it has seen
   (replay protection), and an attempt that failed on our side may still have reached it.
+
+The client is synchronous for its callers; inside, one event loop thread runs every call, so many calls
+from many threads share one connection pool and each is cancelled exactly at its deadline (a sync HTTP
+client can only time out per socket read, which a server dripping bytes never trips).
 
 Neither the API key nor the HMAC secret ever appears in a log line or an error message.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import concurrent.futures
 import logging
+import math
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 import numpy as np
 
 from heimdex_clip_assets.config import Settings
-from heimdex_clip_contract.codec import decode_embedding
+from heimdex_clip_contract.codec import NORM_TOLERANCE
 from heimdex_clip_contract.errors import (
     AuthError,
     ClipError,
@@ -49,17 +66,20 @@ from heimdex_clip_contract.schema import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 PENDING_STATES = frozenset({"IN_QUEUE", "IN_PROGRESS"})
-# The cancel is a courtesy on the way out of a timed-out attempt: it must not hold up the retry.
+# The cancel is a courtesy after the deadline: it runs in the background and never delays the caller.
 CANCEL_TIMEOUT_S = 5.0
+# Gives fresh signed URLs to images about to be sent again (same order, same request ids).
+Resign = Callable[[Sequence[ImageItem]], Sequence[ImageItem]]
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; embeddings compare by identity
 class RemoteEmbedding:
-    """One image's embedding as the worker returned it, with the worker's model fields and timings."""
+    """One image's embedding as the worker returned it, checked, with the worker's model fields."""
 
-    vector: np.ndarray  # float32, shape (dim,)
+    vector: np.ndarray  # float32, shape (dim,), norm within NORM_TOLERANCE of 1
     model_name: str
     pretrained: str | None
     model_version: str | None
@@ -74,12 +94,11 @@ class RemoteEmbedding:
 
 
 class RunPodClient:
-    """A synchronous client for one RunPod endpoint (or a local ``--rp_serve_api`` worker).
+    """A client for one RunPod endpoint (or a local ``--rp_serve_api`` worker), safe to share by threads.
 
     ``url`` is the endpoint root: ``https://api.runpod.ai/v2/<endpoint id>`` or ``http://127.0.0.1:N``.
     ``model_name``/``dim``/``model_version``, when given, are what the worker must be running; anything
     else is a :class:`ModelMismatchError`, so vectors from two models never share a column.
-    ``sleep`` and ``clock`` (monotonic seconds) are injectable so tests run without waiting.
     """
 
     def __init__(
@@ -93,9 +112,7 @@ class RunPodClient:
         model_name: str | None = None,
         dim: int | None = None,
         model_version: str | None = None,
-        transport: httpx.BaseTransport | None = None,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
+        transport: httpx.AsyncBaseTransport | None = None,
         backoff_base_s: float = 0.5,
         backoff_max_s: float = 10.0,
         poll_interval_s: float = 0.25,
@@ -113,21 +130,21 @@ class RunPodClient:
         self.model_version = model_version
         self._secret = hmac_secret
         self._api_key = api_key
-        self._sleep = sleep
-        self._clock = clock
         self._backoff = (backoff_base_s, backoff_max_s)
         self._poll = (poll_interval_s, poll_max_interval_s)
         # RunPod's cloud polls with GET; the SDK's local server only knows POST and says 405 to GET.
         self._status_method = "GET"
         self._ts_lock = threading.Lock()
         self._last_ts = 0
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(headers=headers, transport=transport, follow_redirects=True)
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._transport = transport
+        self._http: httpx.AsyncClient | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="runpod-client", daemon=True)
+        self._thread.start()
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, *, dim: int | None = None, transport: httpx.BaseTransport | None = None
-    ) -> RunPodClient:
+    def from_settings(cls, settings: Settings, *, dim: int | None = None) -> RunPodClient:
         settings.require_runpod()
         assert settings.hmac_secret is not None  # require_runpod checked it; this narrows the type
         return cls(
@@ -139,54 +156,48 @@ class RunPodClient:
             model_name=settings.clip_model_name,
             dim=settings.clip_dim if dim is None else dim,
             model_version=settings.clip_model_version,
-            transport=transport,
         )
 
     # ------------------------------------------------------------------------------------ public API
-    def embed_batch(self, items: Sequence[ImageItem]) -> list[RemoteEmbedding | ClipError]:
-        """Embed several images in one job; a per-image failure comes back in that image's slot.
+    def embed_batch(
+        self, items: Sequence[ImageItem], *, resign: Resign | None = None
+    ) -> list[RemoteEmbedding | ClipError]:
+        """Embed several images as one job; one result per item, in order, an error in a failed slot.
 
-        Raises a :class:`ClipError` when the whole job fails (after retries for retryable failures).
+        Items need distinct ``request_id`` values (results are matched by them). Raises a
+        :class:`ClipError` when the whole job fails for good, or when nothing succeeded by the deadline.
         """
         if not items:
             return []
-        output = self._run_job(
-            lambda ts: build_batch_request(
-                items, self._secret, model=self.model_name, encoding="base64", ts=ts
-            )
-        )
-        results = output.get("results")
-        if not isinstance(results, list) or len(results) != len(items):
-            got = len(results) if isinstance(results, list) else "no"
-            raise RemoteError(
-                f"RunPod worker returned {got} results for {len(items)} images; is it an old "
-                "single-image worker? Deploy the current runpod_worker image",
-                retryable=False,
-            )
-        self._check_model(output)
-        out: list[RemoteEmbedding | ClipError] = []
-        for item, entry in zip(items, results, strict=True):
-            if isinstance(entry, Mapping) and isinstance(entry.get("error"), Mapping):
-                out.append(error_from_dict(entry["error"]))
-                continue
-            try:
-                out.append(self._embedding(output, entry, item.request_id))
-            except ModelMismatchError:
-                raise  # the worker's model, not this image: every other slot is wrong too
-            except ClipError as err:
-                out.append(err)
-        return out
+        ids = [item.request_id for item in items]
+        if None in ids or len(set(ids)) != len(ids):
+            raise ValueError("embed_batch needs a distinct request_id on every item")
+        return self._run(self._embed_batch(list(items), resign))
 
     def embed_one(self, image_url: str, request_id: str | None = None) -> RemoteEmbedding:
-        """The seed's single-image request (JSON floats), kept for the smoke test and old workers: signed
-        as the guide signs it (version 1), which the seed's own worker also accepts."""
-        output = self._run_job(
-            lambda ts: build_single_request(
-                image_url, self._secret, request_id=request_id, model=self.model_name, ts=ts, version=1
+        """The guide's single-image request (JSON floats), kept for the smoke test and old workers: signed
+        as the guide signs it (version 1), which the guide's own worker also accepts."""
+
+        async def one() -> RemoteEmbedding:
+            output = await self._with_retries(
+                lambda: self._job(
+                    lambda ts: build_single_request(
+                        image_url,
+                        self._secret,
+                        request_id=request_id,
+                        model=self.model_name,
+                        ts=ts,
+                        version=1,
+                    )
+                )
             )
-        )
-        self._check_model(output)
-        return self._embedding(output, output, request_id)
+            self._check_model(output)
+            result = self._embedding(output, output)
+            if isinstance(result, ClipError):
+                raise result
+            return result
+
+        return self._run(self._within_deadline(one()))
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """The text tower on the worker: ``(len(texts), dim)`` float32, one job for all of them.
@@ -211,7 +222,13 @@ class RunPodClient:
         return np.stack([self._embedding(output, {"embedding": e}, None).vector for e in embeddings])
 
     def close(self) -> None:
-        self._http.close()
+        if self._loop.is_closed():
+            return
+        if self._http is not None:
+            self._run(self._http.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+        self._loop.close()
 
     def __enter__(self) -> Self:
         return self
@@ -219,27 +236,93 @@ class RunPodClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # ------------------------------------------------------------------------------------- one job
-    def _run_job(self, build_input: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
-        """Run one job to its output, retrying retryable failures; each attempt is signed afresh."""
+    # ---------------------------------------------------------------------------------- the deadline
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        future: concurrent.futures.Future[T] = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return future.result()
+
+    async def _within_deadline(self, work: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                return await work
+        except TimeoutError:
+            raise self._timeout() from None
+
+    def _timeout(self) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"Request timeout after {self.timeout_s}s (RUNPOD_TIMEOUT_S covers connecting, waiting, "
+            "polling and retries); raise RUNPOD_TIMEOUT_S or add workers to the endpoint"
+        )
+
+    # ------------------------------------------------------------------------------------ retries
+    async def _embed_batch(
+        self, items: list[ImageItem], resign: Resign | None
+    ) -> list[RemoteEmbedding | ClipError]:
+        results: list[RemoteEmbedding | ClipError | None] = [None] * len(items)
+        pending = list(range(len(items)))
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                attempt = 0
+                while pending:
+                    batch = [items[i] for i in pending]
+                    if attempt and resign is not None:
+                        # Fresh URLs for exactly the images going out again; the caller's storage call
+                        # must not stall the other jobs sharing this loop.
+                        batch = list(await asyncio.to_thread(resign, batch))
+                    try:
+                        out = await self._batch_attempt(batch)
+                    except ClipError as err:
+                        if not err.retryable or attempt >= self.max_retries:
+                            raise
+                        await self._backoff_after(attempt, err)
+                        attempt += 1
+                        continue
+                    retry = []
+                    for i, result in zip(pending, out, strict=True):
+                        results[i] = result
+                        if isinstance(result, ClipError) and result.retryable:
+                            retry.append(i)
+                    if not retry or attempt >= self.max_retries:
+                        break
+                    first = results[retry[0]]
+                    assert isinstance(first, ClipError)
+                    await self._backoff_after(attempt, first)
+                    attempt += 1
+                    pending = retry
+        except TimeoutError:
+            timeout = self._timeout()
+            if all(r is None for r in results):
+                raise timeout from None
+            # What came back stays; what was still out (or waiting for its retry) timed out.
+            still_out = set(pending)
+            return [
+                timeout if r is None or (i in still_out and isinstance(r, ClipError)) else r
+                for i, r in enumerate(results)
+            ]
+        return [r if r is not None else self._timeout() for r in results]
+
+    async def _with_retries(self, attempt_fn: Callable[[], Awaitable[T]]) -> T:
         for attempt in range(self.max_retries + 1):
             try:
-                return self._attempt(build_input(self._next_ts()))
+                return await attempt_fn()
             except ClipError as err:
                 if not err.retryable or attempt >= self.max_retries:
                     raise
-                base, cap = self._backoff
-                delay = random.uniform(0, min(cap, base * 2**attempt))  # full jitter: no herd on restarts
-                log.warning(
-                    "RunPod attempt %d/%d failed (%s: %s); retrying in %.2fs",
-                    attempt + 1,
-                    self.max_retries + 1,
-                    err.code,
-                    err.message,
-                    delay,
-                )
-                self._sleep(delay)
+                await self._backoff_after(attempt, err)
         raise AssertionError("unreachable: the last attempt returns or raises")  # pragma: no cover
+
+    async def _backoff_after(self, attempt: int, err: ClipError) -> None:
+        base, cap = self._backoff
+        delay = random.uniform(0, min(cap, base * 2**attempt))  # full jitter: no herd on restarts
+        log.warning(
+            "RunPod attempt %d/%d failed (%s: %s); retrying in %.2fs",
+            attempt + 1,
+            self.max_retries + 1,
+            err.code,
+            err.message,
+            delay,
+        )
+        await asyncio.sleep(delay)
 
     def _next_ts(self) -> int:
         # Strictly increasing, so a retry within the same second still gets a signature the worker has
@@ -248,9 +331,20 @@ class RunPodClient:
             self._last_ts = max(int(time.time()), self._last_ts + 1)
             return self._last_ts
 
-    def _attempt(self, job_input: dict[str, Any]) -> dict[str, Any]:
-        deadline = self._clock() + self.timeout_s
-        body = self._request("POST", f"{self.url}/runsync", deadline, json={"input": job_input})
+    # ------------------------------------------------------------------------------------- one job
+    async def _batch_attempt(self, batch: Sequence[ImageItem]) -> list[RemoteEmbedding | ClipError]:
+        output = await self._job(
+            lambda ts: build_batch_request(
+                batch, self._secret, model=self.model_name, encoding="base64", ts=ts
+            )
+        )
+        return self._batch_results(output, batch)
+
+    async def _job(self, build_input: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+        """Submit one job and wait for its output (polling if RunPod answers before it finished)."""
+        body = await self._request(
+            "POST", f"{self.url}/runsync", json={"input": build_input(self._next_ts())}
+        )
         delay, cap = self._poll
         job_id: str | None = None
         try:
@@ -261,36 +355,33 @@ class RunPodClient:
                     raise RemoteError(
                         f"RunPod answered an unknown job status {str(status)[:50]!r}", retryable=False
                     )
-                remaining = deadline - self._clock()
-                if remaining <= 0:
-                    raise self._timeout()
-                self._sleep(min(delay, remaining))
+                await asyncio.sleep(delay)
                 delay = min(cap, delay * 2)
-                body = self._poll_status(job_id, deadline)
-        except RequestTimeoutError:
-            # The retry submits a new job; without a cancel this one may still take a GPU (and bill it)
-            # for a result nobody reads.
+                body = await self._poll_status(job_id)
+        except asyncio.CancelledError:
+            # The deadline: without a cancel the job may still take a GPU (and bill it) for a result
+            # nobody reads. Fire and forget; the loop outlives this call.
             if job_id is not None:
-                self._cancel(job_id)
+                self._loop.create_task(self._cancel(job_id))
             raise
         return self._job_output(body)
 
-    def _cancel(self, job_id: str) -> None:
+    async def _cancel(self, job_id: str) -> None:
         """Best-effort ``POST {url}/cancel/{id}``; never raises (the local SDK server has no such route)."""
         try:
-            response = self._http.post(f"{self.url}/cancel/{job_id}", timeout=CANCEL_TIMEOUT_S)
-        except Exception as exc:  # whatever goes wrong here, the timeout is the error to report
+            response = await self._client().post(f"{self.url}/cancel/{job_id}", timeout=CANCEL_TIMEOUT_S)
+        except Exception as exc:  # whatever goes wrong here, the timeout is the error reported
             log.warning("Could not cancel timed-out RunPod job %s (%s)", job_id[:80], type(exc).__name__)
             return
         log.warning("Asked RunPod to cancel timed-out job %s (HTTP %d)", job_id[:80], response.status_code)
 
-    def _poll_status(self, job_id: str, deadline: float) -> dict[str, Any]:
+    async def _poll_status(self, job_id: str) -> dict[str, Any]:
         url = f"{self.url}/status/{job_id}"
         try:
-            return self._request(self._status_method, url, deadline)
+            return await self._request(self._status_method, url)
         except _MethodNotAllowed:
             self._status_method = "POST"
-            return self._request("POST", url, deadline)
+            return await self._request("POST", url)
 
     def _job_output(self, body: Mapping[str, Any]) -> dict[str, Any]:
         status = body["status"]
@@ -311,17 +402,35 @@ class RunPodClient:
         return dict(output)
 
     # -------------------------------------------------------------------------------------- HTTP
-    def _request(self, method: str, url: str, deadline: float, **kwargs: Any) -> dict[str, Any]:
-        remaining = deadline - self._clock()
-        if remaining <= 0:
-            raise self._timeout()
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:  # made on the loop's thread, where it is used
+            # No httpx timeouts: the call's deadline cancels whatever is in progress.
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=32)
+            self._http = httpx.AsyncClient(
+                headers=self._headers,
+                transport=self._transport,
+                follow_redirects=True,
+                timeout=None,
+                limits=limits,
+            )
+        return self._http
+
+    async def _request(self, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+        host = httpx.URL(url).host
         try:
-            response = self._http.request(method, url, timeout=remaining, **kwargs)
-        except httpx.TimeoutException:
+            response = await self._client().request(method, url, **kwargs)
+        except httpx.TimeoutException:  # only a proxy's or transport's own: ours is the deadline
             raise self._timeout() from None
-        except httpx.TransportError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise NetworkError(
-                f"Connection error: Failed to connect to {httpx.URL(url).host} ({type(exc).__name__})"
+                f"Connection error: Failed to connect to {host} ({type(exc).__name__}); check "
+                "RUNPOD_CLIP_ENDPOINT_URL / RUNPOD_ENDPOINT_BASE_URL and the network"
+            ) from None
+        except httpx.TransportError as exc:
+            # Connected, then the exchange broke: not a failure to connect.
+            raise NetworkError(
+                f"Connection error: {host} closed the connection before answering ({type(exc).__name__}); "
+                "the job is sent again"
             ) from None
         code = response.status_code
         if code in (401, 403):
@@ -352,16 +461,13 @@ class RunPodClient:
             )
         return body
 
-    def _timeout(self) -> RequestTimeoutError:
-        return RequestTimeoutError(f"Request timeout after {self.timeout_s}s")
-
     def _redact(self, text: str) -> str:
         for secret in (self._api_key, self._secret):
             if secret:
                 text = text.replace(secret, "***")
         return text
 
-    # ---------------------------------------------------------------------------------- parsing
+    # ---------------------------------------------------------------------------------- checking
     def _check_model(self, output: Mapping[str, Any]) -> None:
         dim = output.get("dim")
         if self.dim is not None and isinstance(dim, int) and dim != self.dim:
@@ -377,30 +483,96 @@ class RunPodClient:
                     f"{env} (and CLIP_MODEL_NAME/CLIP_PRETRAINED) on the pipeline and the worker"
                 )
 
-    def _embedding(self, output: Mapping[str, Any], entry: Any, request_id: str | None) -> RemoteEmbedding:
-        if not isinstance(entry, Mapping):
-            raise RemoteError("RunPod worker returned a result that is not an object", retryable=False)
-        try:
-            values = decode_embedding(entry.get("embedding"), self.dim)
-        except ModelMismatchError:
-            raise
-        except ClipError as err:
+    def _batch_results(
+        self, output: Mapping[str, Any], batch: Sequence[ImageItem]
+    ) -> list[RemoteEmbedding | ClipError]:
+        entries = output.get("results")
+        if not isinstance(entries, list):
             raise RemoteError(
-                f"RunPod worker returned a bad embedding: {err.message}", retryable=False
-            ) from None
+                "RunPod worker answered a batch without results; is it an old single-image worker? "
+                "Deploy the current runpod_worker image",
+                retryable=False,
+            )
+        self._check_model(output)
+        by_id: dict[Any, Any] = {}
+        repeated = set()
+        for entry in entries:
+            rid = entry.get("request_id") if isinstance(entry, Mapping) else None
+            if rid in by_id:
+                repeated.add(rid)
+            by_id[rid] = entry
+        sent = {item.request_id for item in batch}
+        strays = [rid for rid in by_id if rid not in sent]
+        if strays:
+            log.warning(
+                "RunPod worker returned %d result(s) for request ids never sent; ignored", len(strays)
+            )
+        out: list[RemoteEmbedding | ClipError] = []
+        for item in batch:
+            rid = item.request_id
+            if rid in repeated:
+                out.append(
+                    RemoteError(f"RunPod worker returned two results for image {rid}", retryable=False)
+                )
+            elif rid not in by_id:
+                out.append(RemoteError(f"RunPod worker returned no result for image {rid}"))
+            elif isinstance(by_id[rid].get("error"), Mapping):
+                out.append(error_from_dict(by_id[rid]["error"]))
+            else:
+                out.append(self._embedding(output, by_id[rid]))
+        return out
+
+    def _embedding(self, output: Mapping[str, Any], entry: Mapping[str, Any]) -> RemoteEmbedding | ClipError:
+        """The entry's vector if it is one we may store; otherwise why not, for this image alone."""
+        problem, vector = _check_vector(entry.get("embedding"), self.dim)
+        if problem:
+            rid = entry.get("request_id")
+            return RemoteError(
+                f"RunPod worker returned an unusable embedding for image {rid}: {problem}", retryable=False
+            )
         timings = entry.get("timings")
         if not isinstance(timings, Mapping):
             timings = {}
         return RemoteEmbedding(
-            vector=np.asarray(values, dtype=np.float32),
+            vector=vector,
             model_name=str(output.get("model") or self.model_name or ""),
             pretrained=output.get("pretrained"),
             model_version=output.get("model_version"),
-            request_id=entry.get("request_id", request_id),
+            request_id=entry.get("request_id"),
             download_ms=_ms(timings, "download_ms"),
             inference_ms=_ms(timings, "inference_ms"),
             total_ms=_ms(timings, "total_ms"),
         )
+
+
+def _check_vector(value: Any, dim: int | None) -> tuple[str | None, np.ndarray]:
+    """(what is wrong, or None; the float32 vector). Requests always ask for normalized vectors."""
+    empty = np.zeros(0, dtype=np.float32)
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            return "not base64", empty
+        if len(raw) % 4:
+            return "not a whole number of float32 values", empty
+        vector = np.frombuffer(raw, dtype="<f4").astype(np.float32)
+    elif isinstance(value, list):
+        # bool is an int to Python; [true, ...] is not a vector.
+        if not all(type(v) in (int, float) for v in value):
+            return "holds values that are not numbers", empty
+        if not all(math.isfinite(v) and abs(v) < 3.4e38 for v in value):
+            return "holds NaN, infinite or out-of-range values", empty
+        vector = np.asarray(value, dtype=np.float32)
+    else:
+        return "missing or of the wrong type", empty
+    if dim is not None and vector.shape != (dim,):
+        return f"{vector.shape[0]} values, expected {dim}", empty
+    if not np.isfinite(vector).all():
+        return "holds NaN or infinite values", empty
+    norm = float(np.linalg.norm(vector.astype(np.float64)))
+    if abs(norm - 1.0) > NORM_TOLERANCE:
+        return f"norm {norm:.4g}, expected 1 ± {NORM_TOLERANCE:g}", empty
+    return None, vector
 
 
 class _MethodNotAllowed(RemoteError):

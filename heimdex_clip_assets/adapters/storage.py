@@ -117,7 +117,7 @@ class SupabaseStorage:
             raise NotFoundError(
                 f"cannot sign {len(missing)} missing objects in bucket {self.bucket!r}: {missing[:5]}"
             )
-        return {str(r["path"]): str(r["signedURL"]) for r in replies}
+        return {str(r["path"]): str(r["signedURL"]) for r in replies if r["signedURL"]}
 
     def exists(self, path: str) -> bool:
         return self._call(f"check {path}", lambda: self._files.exists(path))

@@ -62,16 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size",
         type=int,
-        default=50,
+        default=None,
         metavar="N",
-        help="Scenes per embedding call and database commit (default: %(default)s).",
+        help="Images per job (default: CLIP_BATCH_SIZE, 256 for runpod, 32 local).",
     )
     p.add_argument(
         "--clip-timeout",
         type=float,
         default=None,
         metavar="SECONDS",
-        help="Seconds per RunPod request (default: RUNPOD_TIMEOUT_S, else 60).",
+        help="Deadline per RunPod job, retries included (default: RUNPOD_TIMEOUT_S, else 60).",
     )
     p.add_argument("--force-regenerate", action="store_true", help="Re-embed every scene.")
     p.add_argument("--dry-run", action="store_true", help="Show what would be processed, change nothing.")

@@ -89,7 +89,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     store, storage = services.vector_store(settings), services.storage(settings)
     video_id = register.register_video(video, store=store, storage=storage)
     console.print(
-        f"Video {video_id} registered; running scene_keyframes -> scene_signed_urls -> "
+        f"Video {video_id} registered; running scene_keyframes -> "
         f"scene_clip_embeddings (backend={settings.clip_backend})"
     )
     materialize_video(video_id, settings)

@@ -1,21 +1,37 @@
-"""The three per-video assets: thin calls into ``heimdex_clip_assets.pipeline``, plus UI metadata."""
+"""The per-video assets: thin calls into ``heimdex_clip_assets.pipeline``, plus UI metadata.
+
+Each run covers one video (the sensor's runs) or a range of them (a backfill from the UI, the schedule):
+the assets work through ``context.partition_keys`` and keep their state in Postgres and storage, so they
+return ``MaterializeResult``s, never values for an IO manager (which cannot store partition ranges).
+"""
 
 import base64
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import dagster as dg
 
 from heimdex_clip_assets.adapters.db import VideoRecord
+from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.pipeline import embed, keyframes
-from heimdex_clip_assets.pipeline.embed import SignedUrl
 from heimdex_clip_assets.pipeline.keyframes import SceneParams
-from heimdex_clip_contract.errors import ClipError
+from heimdex_clip_contract.errors import ClipError, InvalidVideoError
 
 from .partitions import video_labels, videos_partitions
 from .resources import ClipInferenceResource, StorageResource, VectorStoreResource
 
 GROUP = "video_scenes"
+# BackfillPolicy is what turns a UI backfill of many videos into a few runs; beta in Dagster 1.13, used
+# knowingly, so its warning stays out of every process that loads the code location.
+warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", category=dg.BetaWarning)
+# Videos per run of a backfill (UI or schedule): read when the code location loads.
+PARTITIONS_PER_RUN = Settings.from_env().partitions_per_run
+# A whole-step retry for what passes (a database restart, storage or RunPod briefly away); failures
+# that will not pass are raised with allow_retries=False.
+STEP_RETRY = dg.RetryPolicy(
+    max_retries=2, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
 
 
 class SceneDetectionConfig(dg.Config):
@@ -35,7 +51,9 @@ def _failure_says_what_to_do() -> Iterator[None]:
         yield
     except ClipError as exc:
         raise dg.Failure(
-            description=exc.message, metadata={"code": exc.code, "retryable": exc.retryable}
+            description=exc.message,
+            metadata={"code": exc.code, "retryable": exc.retryable},
+            allow_retries=exc.retryable,
         ) from exc
 
 
@@ -57,10 +75,12 @@ def _jpeg_markdown(jpeg: bytes) -> dg.MetadataValue:
 
 @dg.asset(
     partitions_def=videos_partitions,
+    backfill_policy=dg.BackfillPolicy.multi_run(PARTITIONS_PER_RUN),
+    retry_policy=STEP_RETRY,
     group_name=GROUP,
     kinds={"python", "supabase", "postgres"},
     description="Scenes of the video (PySceneDetect), the best keyframe of each as a JPEG thumbnail in "
-    "storage (thumbnails/{video_id}/{index}.jpg), and one video_scenes row per scene.",
+    "storage, and one video_scenes row per scene.",
 )
 def scene_keyframes(
     context: dg.AssetExecutionContext,
@@ -72,117 +92,118 @@ def scene_keyframes(
     # Decoding mostly releases the GIL, so importing torch and loading the model (~4 s of CPU) overlaps
     # with it; the embedding step then finds the model ready in this process.
     clip.preload()
-    with _failure_says_what_to_do():
-        report = keyframes.extract_keyframes(
-            context.partition_key,
-            store=db.get(),
-            storage=storage.get(),
-            params=SceneParams(**config.model_dump()),
+    store, files, params = db.get(), storage.get(), SceneParams(**config.model_dump())
+    scene_count, rejected = 0, {}
+    report = None
+    for video_id in context.partition_keys:
+        try:
+            with _failure_says_what_to_do():
+                report = keyframes.extract_keyframes(video_id, store=store, storage=files, params=params)
+        except dg.Failure as failure:
+            # A video we cannot decode is marked failed; the others of the range go on.
+            if not isinstance(failure.__cause__, InvalidVideoError):
+                raise
+            rejected[video_id] = failure.description
+            context.log.warning(f"Video {video_id}: {failure.description}")
+            continue
+        video = report.video
+        scene_count += len(report.scenes)
+        context.log.info(
+            f"Video {video.id}: {len(report.scenes)} scenes in {video.duration_s:.1f}s of video "
+            f"({', '.join(f'{k}={v:.2f}s' for k, v in report.timings_s.items())})"
         )
-    video = report.video
-    context.log.info(
-        f"Video {video.id}: {len(report.scenes)} scenes in {video.duration_s:.1f}s of video "
-        f"({', '.join(f'{k}={v:.2f}s' for k, v in report.timings_s.items())})"
-    )
-    return dg.MaterializeResult(
-        metadata={
+    if rejected:
+        raise dg.Failure(
+            description=f"{len(rejected)} video(s) could not be decoded: "
+            + "; ".join(f"{v}: {why}" for v, why in list(rejected.items())[:5]),
+            allow_retries=False,
+        )
+    metadata: dict[str, object] = {"videos": len(context.partition_keys), "scene_count": scene_count}
+    if report is not None and len(context.partition_keys) == 1:
+        video = report.video
+        metadata |= {
             **_labels(video),
-            "scene_count": len(report.scenes),
             "duration_s": video.duration_s,
             "resolution": f"{video.width}x{video.height}",
             "stage_seconds": report.timings_s,
             "contact_sheet": _jpeg_markdown(report.contact_sheet_jpeg),
         }
-    )
+    return dg.MaterializeResult(metadata=metadata)
 
 
 @dg.asset(
     partitions_def=videos_partitions,
+    backfill_policy=dg.BackfillPolicy.multi_run(PARTITIONS_PER_RUN),
+    retry_policy=STEP_RETRY,
     group_name=GROUP,
     deps=[scene_keyframes],
-    kinds={"supabase"},
-    description="A short-lived signed URL per thumbnail (SIGNED_URL_EXPIRES_S, 5 minutes by default), "
-    "for the RunPod worker to download from.",
-)
-def scene_signed_urls(
-    context: dg.AssetExecutionContext, db: VectorStoreResource, storage: StorageResource
-) -> dg.Output[dict[int, SignedUrl]]:
-    expires_in = storage.settings().signed_url_expires_s
-    with _failure_says_what_to_do():
-        scenes = db.get().scenes(context.partition_key)
-        urls = embed.sign_scene_urls(scenes, storage=storage.get(), expires_in=expires_in)
-    return dg.Output(urls, metadata={"signed_urls": len(urls), "expires_in_s": expires_in})
-
-
-@dg.asset(
-    partitions_def=videos_partitions,
-    group_name=GROUP,
     kinds={"pytorch", "postgres"},
-    # Caps concurrent CLIP calls across all runs (dagster.yaml: match it to RunPod's max workers).
+    # Caps how many runs embed at once; each keeps RUNPOD_MAX_IN_FLIGHT jobs in flight (dagster.yaml).
     pool="clip_inference",
     description="CLIP embeddings of every keyframe (video_scenes.embedding_visual_clip + "
-    "visual_clip_metadata), through the configured backend: RunPod, local CPU, or off.",
+    "visual_clip_metadata) through the embedding engine: scenes of all the run's videos packed into jobs "
+    "of CLIP_BATCH_SIZE images, RUNPOD_MAX_IN_FLIGHT of them at once, each signed right before it is "
+    "sent; RunPod, local CPU, or off.",
 )
 def scene_clip_embeddings(
     context: dg.AssetExecutionContext,
-    scene_signed_urls: dict[int, SignedUrl],
     db: VectorStoreResource,
     storage: StorageResource,
     clip: ClipInferenceResource,
 ) -> dg.MaterializeResult:
-    store, store_files = db.get(), storage.get()
+    settings = clip.settings()
     with _failure_says_what_to_do():
-        backend = clip.get(store_files)
+        backend = clip.get(storage.get())
         if not backend.enabled:
             context.log.warning(
                 "CLIP is off (CLIP_INFERENCE_BACKEND=off or CLIP_ENABLED=false): scenes stay without "
                 "CLIP embeddings"
             )
             return dg.MaterializeResult(metadata={"backend": "off", "embedded": 0})
-        report = embed.embed_video(
-            context.partition_key,
-            store=store,
-            storage=store_files,
-            backend=backend,
-            signed_urls=scene_signed_urls,
-            expires_in=storage.settings().signed_url_expires_s,
-            logger=context.log,
+        report = embed.embed_videos(
+            context.partition_keys, settings=settings, store=db.get(), backend=backend, logger=context.log
         )
-    scene_count = len(store.scenes(context.partition_key))
     computed = report.embedded - report.cache_hits
-    metadata: dict[str, object] = {
-        **_labels(store.get_video(context.partition_key)),
-        "status": _embedding_status(computed, report.cache_hits, scene_count),
-        "scene_count": scene_count,
+    metadata: dict[str, object] = {"videos": len(context.partition_keys)}
+    if len(context.partition_keys) == 1:
+        store, (video_id,) = db.get(), context.partition_keys
+        scene_count = len(store.scenes(video_id))
+        metadata |= {
+            **_labels(store.get_video(video_id)),
+            "status": _embedding_status(computed, report.cache_hits, scene_count),
+            "scene_count": scene_count,
+        }
+    metadata |= {
         "backend": report.backend,
         "model_version": report.model_version,
         "computed": computed,
         "cache_hits": report.cache_hits,
-        "urls_resigned": report.resigned,
-        "failures": len(report.failures),
+        "failures": report.failed,
+        "jobs": report.jobs,
+        "batch_size": report.batch_size,
+        "peak_jobs_in_flight": report.peak_in_flight,
+        "images_per_s": round(report.images_per_s, 1),
         "wall_s": round(report.wall_s, 3),
     }
-    for q in (50, 95, 99):
-        value = report.percentile(q)
-        if value is not None:
-            metadata[f"inference_p{q}_ms"] = round(value, 2)
-    if report.failures:
+    if report.failed:
+        # The client retried these already (the one retry layer): a step retry would only repeat it.
         raise dg.Failure(
-            description=f"{len(report.failures)} scene(s) still without a CLIP embedding after retries: "
-            f"{embed.failure_summary(report)}. Fix the cause and rerun: only these scenes are redone.",
+            description=f"{report.failed} scene(s) still without a CLIP embedding after retries: "
+            f"{report.failure_summary()}. Fix the cause and rerun: only these scenes are redone.",
             metadata=metadata,
+            allow_retries=False,
         )
     return dg.MaterializeResult(metadata=metadata)
 
 
 ingest_video_job = dg.define_asset_job(
     "ingest_video",
-    selection=dg.AssetSelection.assets(scene_keyframes, scene_signed_urls, scene_clip_embeddings),
-    description="Everything for one video: keyframes -> signed URLs -> CLIP embeddings (+ checks).",
+    selection=dg.AssetSelection.assets(scene_keyframes, scene_clip_embeddings),
+    description="Everything for one video (or a range): keyframes -> CLIP embeddings (+ checks).",
 )
 
 embed_job = dg.define_asset_job(
     "embed_scenes",
-    selection=dg.AssetSelection.assets(scene_signed_urls, scene_clip_embeddings),
-    description="Re-embed a video whose keyframes exist (missing or stale-model embeddings only).",
+    selection=dg.AssetSelection.assets(scene_clip_embeddings),
+    description="Re-embed videos whose keyframes exist (missing or stale-model embeddings only).",
 )

@@ -1,4 +1,8 @@
-"""Asset checks on ``scene_clip_embeddings``, one per rule in ``domain.checks``, run per video partition."""
+"""Asset checks on ``scene_clip_embeddings``, one per rule in ``domain.checks``, over the run's videos.
+
+They are blocking: a video whose stored vectors break a rule fails the run, so bad vectors can never be
+reported as a success (nor feed anything downstream).
+"""
 
 import warnings
 from collections.abc import Callable, Sequence
@@ -20,6 +24,7 @@ def _build_check(
         asset=scene_clip_embeddings,
         name=name,
         partitions_def=videos_partitions,
+        blocking=True,
         description=(rule.__doc__ or name.replace("_", " ")).strip(),
     )
     def _check(
@@ -30,9 +35,23 @@ def _build_check(
                 passed=True, description="Skipped: CLIP is off", metadata={"skipped": True}
             )
         store = db.get()
-        outcome = rule(store.scenes(context.partition_key), store.dim)
+        # One video's scenes at a time: memory follows the largest video, not the run's range.
+        failing = {}
+        for video_id in context.partition_keys:
+            outcome = rule(store.scenes(video_id), store.dim)
+            if not outcome.passed:
+                failing[video_id] = outcome
+        if not failing:
+            return dg.AssetCheckResult(
+                passed=True,
+                description=outcome.description if len(context.partition_keys) == 1 else "Every video passes",
+                metadata={"videos": len(context.partition_keys)},
+            )
+        shown = "; ".join(f"video {v}: {o.description}" for v, o in list(failing.items())[:5])
         return dg.AssetCheckResult(
-            passed=outcome.passed, description=outcome.description, metadata=outcome.metadata
+            passed=False,
+            description=shown + (f"; and {len(failing) - 5} more video(s)" if len(failing) > 5 else ""),
+            metadata={"videos": len(context.partition_keys), "failing_videos": len(failing)},
         )
 
     return _check

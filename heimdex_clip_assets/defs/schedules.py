@@ -1,12 +1,21 @@
-"""Scheduled backfill of missing or stale-model embeddings."""
+"""Scheduled backfill of missing or stale-model embeddings, at the embedding engine's speed."""
 
 import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
 from heimdex_clip_assets.config import Settings
 
-from .assets import embed_job
+from .assets import PARTITIONS_PER_RUN, embed_job
 from .partitions import videos_partitions
 from .resources import ClipInferenceResource, VectorStoreResource
+
+BACKFILL_TAG = "heimdex/backfill"
+ACTIVE = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
 
 
 @dg.schedule(
@@ -14,8 +23,10 @@ from .resources import ClipInferenceResource, VectorStoreResource
     # Read when the code location loads: change HEIMDEX_BACKFILL_CRON and reload to reschedule.
     cron_schedule=Settings.from_env().backfill_cron,
     default_status=dg.DefaultScheduleStatus.RUNNING,
-    description="Re-embeds videos whose scenes lack an embedding or carry another CLIP_MODEL_VERSION, "
-    "at most HEIMDEX_BACKFILL_MAX_RUNS videos per tick.",
+    description="Re-embeds every video whose scenes lack an embedding or carry another "
+    "CLIP_MODEL_VERSION: one run per range of HEIMDEX_PARTITIONS_PER_RUN videos that has work, all "
+    "requested on one tick (the run queue and the clip_inference pool pace them), none while the "
+    "previous tick's runs are still going.",
 )
 def embedding_backfill_schedule(
     context: dg.ScheduleEvaluationContext, db: VectorStoreResource, clip: ClipInferenceResource
@@ -23,20 +34,29 @@ def embedding_backfill_schedule(
     settings = clip.settings()
     if settings.clip_backend == "off":
         return dg.SkipReason("CLIP is off (CLIP_INFERENCE_BACKEND=off); nothing to backfill")
-    known = set(context.instance.get_dynamic_partitions(videos_partitions.name))
-    # Ask for more than the cap: videos not yet partitioned are the sensor's, not ours.
-    candidates = db.get().videos_needing_embeddings(
-        settings.clip_model_version, limit=settings.backfill_max_runs * 4
+    version = settings.clip_model_version
+    busy = context.instance.get_runs(
+        filters=dg.RunsFilter(tags={BACKFILL_TAG: version}, statuses=ACTIVE), limit=1
     )
-    video_ids = [v for v in candidates if v in known][: settings.backfill_max_runs]
-    if not video_ids:
-        return dg.SkipReason(f"Every scene has a {settings.clip_model_version} embedding")
+    if busy:
+        return dg.SkipReason(f"The backfill's runs from an earlier tick are still going ({busy[0].run_id})")
+    # Listing every partition costs ~0.3 s at 100k (docs/scaling): once per tick, not per video.
+    keys = context.instance.get_dynamic_partitions(videos_partitions.name)
+    store = db.get()
     tick = context.scheduled_execution_time.strftime("%Y%m%dT%H%M")
-    return [
-        dg.RunRequest(
-            partition_key=video_id,
-            run_key=f"backfill:{video_id}:{settings.clip_model_version}:{tick}",
-            tags={"heimdex/backfill": settings.clip_model_version},
-        )
-        for video_id in video_ids
-    ]
+    requests = []
+    for start in range(0, len(keys), PARTITIONS_PER_RUN):
+        chunk = keys[start : start + PARTITIONS_PER_RUN]
+        if store.videos_needing_embeddings(version, chunk):
+            # Partition keys are in the order they were added, so a range is exactly this chunk.
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"backfill:{version}:{tick}:{chunk[0]}",
+                    tags={
+                        BACKFILL_TAG: version,
+                        ASSET_PARTITION_RANGE_START_TAG: chunk[0],
+                        ASSET_PARTITION_RANGE_END_TAG: chunk[-1],
+                    },
+                )
+            )
+    return requests or dg.SkipReason(f"Every scene has a {version} embedding")

@@ -8,8 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from heimdex_clip_assets.adapters.db import SceneRecord
-
-NORM_TOLERANCE = 1e-2  # fp16 on a GPU worker still lands within ~1e-3 of 1
+from heimdex_clip_contract.codec import NORM_TOLERANCE
 
 
 @dataclass(frozen=True)

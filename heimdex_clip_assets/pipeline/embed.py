@@ -1,209 +1,251 @@
-"""Embeddings: thumbnails -> short-lived signed URLs -> the CLIP backend -> vectors in the store."""
+"""The embedding engine: the one way scenes become CLIP vectors, for every path that embeds.
+
+The asset (a run of one or many video partitions), ``heimdex-clip backfill``, the schedule's runs and
+``process-video`` all hand the engine a stream of scenes; it
+
+* answers what it can from the embedding cache (the same thumbnail content, embedded before by the same
+  model version, is never sent again);
+* packs the rest, across videos, into jobs of ``batch_size`` images;
+* keeps ``max_in_flight`` jobs running at once (the reader waits for a free slot, so memory holds at
+  most that many jobs, whatever the library's size);
+* has each job's URLs signed by the backend right before it is sent (the RunPod client re-signs before
+  each of its retries: the engine itself never retries);
+* writes each job's vectors as it comes back, in one transaction for the whole job.
+
+No Dagster, no printing: callers turn the :class:`EngineReport` into logs, metadata or a table.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from heimdex_clip_contract.errors import ClipError, NotFoundError
-
-from ..adapters.clip_backends import ClipBackend, EmbeddingResult, SceneImage, log_result
-from ..adapters.db import EmbeddingRow, SceneRecord, VectorStore
-from ..adapters.storage import Storage
+from heimdex_clip_assets.adapters.clip_backends import (
+    SYSTEMIC_ERRORS,
+    ClipBackend,
+    EmbeddingResult,
+    SceneImage,
+    log_result,
+)
+from heimdex_clip_assets.adapters.db import SceneEmbedding, SceneToEmbed, VectorStore
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_contract.errors import ClipError, ConfigError
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SignedUrl:
-    path: str
-    url: str
-    expires_at: float
-
-    def fresh(self, margin_s: float, now: float | None = None) -> bool:
-        return self.expires_at - (time.time() if now is None else now) > margin_s
+MAX_FAILURES_KEPT = 50  # examples in the report; counts are always complete
 
 
-def sign_scene_urls(
-    scenes: Sequence[SceneRecord], *, storage: Storage, expires_in: int
-) -> dict[int, SignedUrl]:
-    """One short-lived signed URL per thumbnail (one batch call to storage)."""
-    paths = [s.thumbnail_path for s in scenes]
-    issued = time.time()
-    urls = storage.create_signed_urls(paths, expires_in)
-    return {s.index: SignedUrl(s.thumbnail_path, urls[s.thumbnail_path], issued + expires_in) for s in scenes}
-
-
-def refresh_signed_urls(
-    urls: dict[int, SignedUrl], *, storage: Storage, expires_in: int, margin_s: float
-) -> tuple[dict[int, SignedUrl], int]:
-    """Re-sign the URLs that expire within ``margin_s``; returns the new map and how many were re-signed."""
-    stale = {i: u for i, u in urls.items() if not u.fresh(margin_s)}
-    if not stale:
-        return urls, 0
-    issued = time.time()
-    fresh = storage.create_signed_urls([u.path for u in stale.values()], expires_in)
-    out = dict(urls)
-    for i, u in stale.items():
-        out[i] = SignedUrl(u.path, fresh[u.path], issued + expires_in)
-    return out, len(stale)
-
-
-# --------------------------------------------------------------------------------------- embeddings
 @dataclass
-class EmbedReport:
+class EngineReport:
     backend: str
     model_version: str
+    batch_size: int
+    max_in_flight: int
+    scenes: int = 0
     embedded: int = 0
     cache_hits: int = 0
-    resigned: int = 0
-    failures: dict[int, ClipError] = field(default_factory=dict)
-    inference_ms: list[float] = field(default_factory=list)
+    failed: int = 0
+    jobs: int = 0
+    peak_in_flight: int = 0
+    job_seconds: list[float] = field(default_factory=list)
+    failures: list[tuple[str, int, ClipError]] = field(default_factory=list)  # (video, scene index, why)
+    failed_by_video: Counter[str] = field(default_factory=Counter)
+    videos: set[str] = field(default_factory=set)
     wall_s: float = 0.0
 
-    def percentile(self, q: float) -> float | None:
-        return float(np.percentile(self.inference_ms, q)) if self.inference_ms else None
+    @property
+    def images_per_s(self) -> float:
+        return (self.embedded - self.cache_hits) / self.wall_s if self.wall_s else 0.0
+
+    def failure_summary(self, limit: int = 5) -> str:
+        shown = "; ".join(
+            f"video {video} scene {index}: {err.code}: {err.message}"
+            for video, index, err in self.failures[:limit]
+        )
+        more = self.failed - min(self.failed, limit)
+        return shown + (f"; and {more} more" if more > 0 else "")
 
 
-def embed_scenes(
-    scenes: Sequence[SceneRecord],
-    *,
+class EmbeddingEngine:
+    """Embeds streams of scenes through one backend; one engine per run or command."""
+
+    def __init__(
+        self,
+        store: VectorStore,
+        backend: ClipBackend,
+        *,
+        batch_size: int,
+        max_in_flight: int,
+        use_cache: bool = True,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+        on_progress: Callable[[int], None] | None = None,
+    ) -> None:
+        if batch_size < 1 or max_in_flight < 1:
+            raise ConfigError("CLIP_BATCH_SIZE and RUNPOD_MAX_IN_FLIGHT must be at least 1")
+        self.store = store
+        self.backend = backend
+        self.batch_size = batch_size
+        self.max_in_flight = max_in_flight
+        self.use_cache = use_cache
+        self.log = logger or log
+        self.on_progress = on_progress
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    def run(self, pages: Iterable[Sequence[SceneToEmbed]]) -> EngineReport:
+        """Embed every scene of ``pages`` (pages of a keyset scan, any videos mixed)."""
+        report = EngineReport(
+            backend=self.backend.name,
+            model_version=self.backend.model_version,
+            batch_size=self.batch_size,
+            max_in_flight=self.max_in_flight,
+        )
+        started = time.perf_counter()
+        slots = threading.Semaphore(self.max_in_flight)
+        self._error: BaseException | None = None
+        with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="clip-job") as pool:
+            for job in self._jobs(pages, report):
+                slots.acquire()  # the reader waits for a free slot: memory holds max_in_flight jobs
+                if self._error is not None:
+                    break
+                pool.submit(self._guarded_job, job, report, slots)
+        if self._error is not None:
+            raise self._error
+        report.wall_s = time.perf_counter() - started
+        return report
+
+    def _guarded_job(self, job: list[SceneToEmbed], report: EngineReport, slots: threading.Semaphore) -> None:
+        try:
+            self._run_job(job, report)
+        except BaseException as exc:  # systemic or database errors stop the run; the first one is raised
+            self._error = self._error or exc
+        finally:
+            slots.release()
+
+    # ---------------------------------------------------------------------------------- packing
+    def _jobs(
+        self, pages: Iterable[Sequence[SceneToEmbed]], report: EngineReport
+    ) -> Iterator[list[SceneToEmbed]]:
+        """Jobs of ``batch_size`` cache misses, scenes of any videos together; cache hits are written
+        page by page on the way."""
+        pending: list[SceneToEmbed] = []
+        for page in pages:
+            report.scenes += len(page)
+            report.videos.update(s.video_id for s in page)
+            todo = self._answer_from_cache(page, report) if self.use_cache else list(page)
+            pending.extend(todo)
+            while len(pending) >= self.batch_size:
+                yield pending[: self.batch_size]
+                pending = pending[self.batch_size :]
+        if pending:
+            yield pending
+
+    def _answer_from_cache(self, page: Sequence[SceneToEmbed], report: EngineReport) -> list[SceneToEmbed]:
+        cached = self.store.cached_embeddings(
+            [s.thumbnail_sha256 for s in page if s.thumbnail_sha256], self.backend.model_version
+        )
+        rows, todo = [], []
+        now = time.time()
+        for scene in page:
+            hit = cached.get(scene.thumbnail_sha256) if scene.thumbnail_sha256 else None
+            if hit is None:
+                todo.append(scene)
+                continue
+            vector, meta = hit
+            rows.append(SceneEmbedding(scene.id, vector, {**meta, "cache_hit": True, "embedded_at": now}))
+        if rows:
+            self.store.write_scene_embeddings(rows)
+            with self._lock:
+                report.embedded += len(rows)
+                report.cache_hits += len(rows)
+            if self.on_progress:
+                self.on_progress(len(rows))
+        return todo
+
+    # ------------------------------------------------------------------------------------ one job
+    def _run_job(self, job: list[SceneToEmbed], report: EngineReport) -> None:
+        with self._lock:
+            self._in_flight += 1
+            report.peak_in_flight = max(report.peak_in_flight, self._in_flight)
+        started = time.perf_counter()
+        try:
+            results = self.backend.embed([SceneImage(key=s.id, storage_path=s.thumbnail_path) for s in job])
+        except SYSTEMIC_ERRORS:
+            raise
+        except ClipError as err:  # the whole job failed for good: each scene records why
+            results = [err] * len(job)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+        seconds = time.perf_counter() - started
+        now = time.time()
+        rows = [
+            SceneEmbedding(scene.id, result.vector, {**result.metadata, "embedded_at": now})
+            for scene, result in zip(job, results, strict=True)
+            if isinstance(result, EmbeddingResult)
+        ]
+        # Written before the next job of this thread is sent: results are never held back.
+        self.store.write_scene_embeddings(rows)
+        failed = [(s, r) for s, r in zip(job, results, strict=True) if isinstance(r, ClipError)]
+        for scene, err in failed:
+            self.log.warning(f"Video {scene.video_id}: {log_result(scene.index, self.backend.name, err)}")
+        videos = len({s.video_id for s in job})
+        self.log.info(
+            f"{self.backend.name} job: {len(rows)}/{len(job)} scenes of {videos} video(s) embedded in "
+            f"{seconds * 1000:.0f} ms"
+        )
+        with self._lock:
+            report.jobs += 1
+            report.embedded += len(rows)
+            report.failed += len(failed)
+            report.job_seconds.append(seconds)
+            for scene, err in failed:
+                report.failed_by_video[scene.video_id] += 1
+                if len(report.failures) < MAX_FAILURES_KEPT:
+                    report.failures.append((scene.video_id, scene.index, err))
+        if self.on_progress:
+            self.on_progress(len(job))
+
+
+def engine_for(
+    settings: Settings,
     store: VectorStore,
-    storage: Storage,
     backend: ClipBackend,
-    signed_urls: dict[int, SignedUrl] | None = None,
-    expires_in: int = 300,
-    url_margin_s: float = 120.0,
-    attempts: int = 2,
+    *,
     use_cache: bool = True,
     logger: logging.Logger | logging.LoggerAdapter | None = None,
     on_progress: Callable[[int], None] | None = None,
-) -> EmbedReport:
-    """Embed the given scenes of ONE video and store the vectors in one transaction.
-
-    The sha256 cache (unless ``use_cache`` is off) answers scenes whose thumbnail was embedded before by
-    the same model version. A scene whose embedding fails with a retryable error gets another attempt
-    (with a fresh URL); what still fails is in ``report.failures`` and stays without an embedding, so a
-    rerun does exactly those. Successful vectors are written even when others fail, each with an
-    ``embedded_at`` in its metadata (what a resumed forced backfill reads).
-    """
-    logger = logger or log
-    started = time.perf_counter()
-    report = EmbedReport(backend=backend.name, model_version=backend.model_version)
-    if not scenes:
-        return report
-    video_ids = {s.video_id for s in scenes}
-    if len(video_ids) != 1:
-        raise ValueError("embed_scenes works on the scenes of one video at a time")
-    (video_id,) = video_ids
-
-    rows: list[EmbeddingRow] = []
-    cached = (
-        store.cached_embeddings([s.thumbnail_sha256 for s in scenes], backend.model_version)
-        if use_cache
-        else {}
+) -> EmbeddingEngine:
+    """The engine as the settings size it: ``CLIP_BATCH_SIZE`` images per job, ``max_in_flight`` jobs."""
+    return EmbeddingEngine(
+        store,
+        backend,
+        batch_size=settings.clip_batch_size,
+        max_in_flight=settings.max_in_flight,
+        use_cache=use_cache,
+        logger=logger,
+        on_progress=on_progress,
     )
-    todo: list[SceneRecord] = []
-    for scene in scenes:
-        hit = cached.get(scene.thumbnail_sha256)
-        if hit is None:
-            todo.append(scene)
-            continue
-        vector, meta = hit
-        rows.append(
-            EmbeddingRow(scene.index, vector, {**meta, "cache_hit": True, "embedded_at": time.time()})
-        )
-        report.cache_hits += 1
-    if on_progress and report.cache_hits:
-        on_progress(report.cache_hits)
-
-    # Only the scenes still to embed: re-signing the cache hits' URLs would be wasted calls.
-    urls = {s.index: signed_urls[s.index] for s in todo if signed_urls and s.index in signed_urls}
-    for attempt in range(1, attempts + 1):
-        if not todo:
-            break
-        if backend.needs_urls:
-            missing = [s for s in todo if s.index not in urls]
-            if missing:
-                urls.update(sign_scene_urls(missing, storage=storage, expires_in=expires_in))
-            urls, resigned = refresh_signed_urls(
-                urls, storage=storage, expires_in=expires_in, margin_s=url_margin_s
-            )
-            report.resigned += resigned
-        images = [
-            SceneImage(
-                key=s.index,
-                storage_path=s.thumbnail_path,
-                url=urls[s.index].url if s.index in urls else None,
-            )
-            for s in todo
-        ]
-        for scene in todo:
-            logger.info(
-                f"Scene {scene.index}: Generating CLIP embedding from best frame (backend={backend.name})"
-            )
-        results = backend.embed(images)
-        retry: list[SceneRecord] = []
-        for scene, result in zip(todo, results, strict=True):
-            logger.log(
-                logging.INFO if isinstance(result, EmbeddingResult) else logging.WARNING,
-                log_result(scene.index, backend.name, result),
-            )
-            if isinstance(result, EmbeddingResult):
-                rows.append(
-                    EmbeddingRow(scene.index, result.vector, {**result.metadata, "embedded_at": time.time()})
-                )
-                report.inference_ms.append(float(result.metadata.get("inference_time_ms", 0.0)))
-                report.failures.pop(scene.index, None)
-            else:
-                report.failures[scene.index] = result
-                if result.retryable and attempt < attempts:
-                    retry.append(scene)
-        if on_progress:
-            on_progress(len(todo) - len(retry))
-        # Force a fresh URL for retried scenes: an expired or consumed URL is a common cause.
-        for scene in retry:
-            urls.pop(scene.index, None)
-        todo = retry
-
-    store.write_embeddings(video_id, rows)
-    report.embedded = len(rows)
-    report.wall_s = time.perf_counter() - started
-    return report
 
 
-def embed_video(
-    video_id: str,
+def embed_videos(
+    video_ids: Sequence[str],
     *,
+    settings: Settings,
     store: VectorStore,
-    storage: Storage,
     backend: ClipBackend,
     force: bool = False,
-    signed_urls: dict[int, SignedUrl] | None = None,
-    expires_in: int = 300,
     logger: logging.Logger | logging.LoggerAdapter | None = None,
-) -> EmbedReport:
-    """Embed exactly the scenes of a video that lack a current embedding (all of them with ``force``)."""
-    if store.get_video(video_id) is None:
-        raise NotFoundError(f"Unknown video id {video_id}; check it with `heimdex-clip search` or add-video")
-    scenes = store.scenes_needing_embeddings(backend.model_version, video_id=video_id, force=force)
-    report = embed_scenes(
-        scenes,
-        store=store,
-        storage=storage,
-        backend=backend,
-        signed_urls=signed_urls,
-        expires_in=expires_in,
-        logger=logger,
-    )
-    status = "embedded" if not report.failures else "embedding_incomplete"
-    store.set_video_status(video_id, status, None if not report.failures else failure_summary(report))
+) -> EngineReport:
+    """Embed exactly the scenes of these videos that lack a current embedding (all with ``force``),
+    scenes of different videos sharing jobs; then each video's status says what its scenes hold."""
+    engine = engine_for(settings, store, backend, logger=logger)
+    report = engine.run(store.iter_scenes_to_embed(backend.model_version, video_ids=video_ids, force=force))
+    store.refresh_embedding_status(video_ids, backend.model_version)
     return report
-
-
-def failure_summary(report: EmbedReport) -> str:
-    return "; ".join(f"scene {i}: {err.code}: {err.message}" for i, err in sorted(report.failures.items()))

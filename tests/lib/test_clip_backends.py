@@ -34,6 +34,8 @@ from heimdex_clip_contract.errors import (
     ConfigError,
     InvalidImageError,
     InvalidRequestError,
+    NotFoundError,
+    RemoteError,
     RequestTimeoutError,
     encode_job_error,
 )
@@ -85,7 +87,7 @@ def test_local_backend_embeds_from_storage_and_memory(encoder: ClipEncoder, stor
         SceneImage(5, data=jpeg(0)),
         SceneImage(6),
     ]
-    out = LocalBackend(encoder, storage, batch_size=2).embed(images)
+    out = LocalBackend(encoder, storage).embed(images)
 
     assert len(out) == len(images)
     assert [i for i, r in enumerate(out) if isinstance(r, EmbeddingResult)] == [0, 1, 2, 5]
@@ -106,7 +108,7 @@ def test_make_backend_local_reuses_the_process_encoder(
 ) -> None:
     backend = make_backend(settings_for("local", clip_checkpoint), storage)
     assert isinstance(backend, LocalBackend) and backend.encoder is encoder
-    assert (backend.name, backend.dim, backend.enabled, backend.needs_urls) == ("local", 512, True, False)
+    assert (backend.name, backend.dim, backend.enabled) == ("local", 512, True)
 
 
 def test_off_backend_is_disabled_and_says_so(clip_checkpoint: Path) -> None:
@@ -125,36 +127,55 @@ def runpod_settings(clip_checkpoint: Path) -> Settings:
         RUNPOD_API_KEY="key",
         RUNPOD_CLIP_ENDPOINT_ID="ep",
         EMBEDDING_HMAC_SECRET="s",
-        CLIP_BATCH_SIZE="2",
         RUNPOD_MAX_RETRIES="0",
     )
 
 
-def cloud(settings: Settings, respond: Callable[[httpx.Request], httpx.Response]) -> RunPodBackend:
-    client = RunPodClient.from_settings(settings, transport=httpx.MockTransport(respond))
-    return RunPodBackend(
-        client,
-        pretrained=settings.clip_pretrained,
-        batch_size=settings.clip_batch_size,
+def cloud(
+    settings: Settings, storage: Storage, respond: Callable[[httpx.Request], httpx.Response]
+) -> RunPodBackend:
+    client = RunPodClient(
+        settings.runpod_url,
+        api_key="key",
+        hmac_secret="s",
+        max_retries=0,
+        model_name=settings.clip_model_name,
+        dim=512,
+        model_version=settings.clip_model_version,
+        transport=httpx.MockTransport(respond),
     )
+    return RunPodBackend(client, storage, pretrained=settings.clip_pretrained, expires_in=60)
 
 
-def test_make_backend_runpod(runpod_settings: Settings) -> None:
-    backend = make_backend(runpod_settings, None)
-    assert isinstance(backend, RunPodBackend) and backend.needs_urls and backend.enabled
+def thumbnails(storage: Storage, n: int) -> list[SceneImage]:
+    for i in range(n):
+        storage.upload(f"thumbnails/rp/{i}.jpg", jpeg(i), content_type="image/jpeg")
+    return [SceneImage(i, storage_path=f"thumbnails/rp/{i}.jpg") for i in range(n)]
+
+
+def test_make_backend_runpod(runpod_settings: Settings, storage: Storage) -> None:
+    backend = make_backend(runpod_settings, storage)
+    assert isinstance(backend, RunPodBackend) and backend.enabled
     assert (backend.model_version, backend.dim) == (runpod_settings.clip_model_version, 512)
+    assert runpod_settings.clip_batch_size == 256 and runpod_settings.max_in_flight == 3
 
 
-def test_runpod_backend_batches_and_keeps_slots(runpod_settings: Settings) -> None:
+def test_runpod_backend_sends_one_signed_job_and_keeps_slots(
+    runpod_settings: Settings, storage: Storage
+) -> None:
     sent: list[list[str]] = []
 
     def respond(request: httpx.Request) -> httpx.Response:
         job = json.loads(request.content)["input"]
         sent.append([img["request_id"] for img in job["images"]])
+        assert all("/object/sign/" in img["image_url"] for img in job["images"])
         results = [
             {
                 "request_id": img["request_id"],
-                "embedding": encode_embedding([2.0] + [0.0] * 511, "base64"),
+                # Image 1 comes back with norm 2: a vector no normalized request can produce.
+                "embedding": encode_embedding(
+                    [2.0 if img["request_id"] == "1" else 1.0] + [0.0] * 511, "base64"
+                ),
                 "timings": {"download_ms": 3.0, "inference_ms": 1.5, "total_ms": 5.0},
             }
             for img in job["images"]
@@ -162,37 +183,38 @@ def test_runpod_backend_batches_and_keeps_slots(runpod_settings: Settings) -> No
         output = {"model_version": runpod_settings.clip_model_version, "dim": 512, "results": results}
         return httpx.Response(200, json={"id": "j", "status": "COMPLETED", "output": output})
 
-    images = [SceneImage(i, url=f"https://h/{i}.jpg") for i in range(5)] + [SceneImage(5)]
-    out = cloud(runpod_settings, respond).embed(images)
-    assert sent == [["0", "1"], ["2", "3"], ["4"]]
-    assert isinstance(out[5], InvalidRequestError)
+    images = [*thumbnails(storage, 4), SceneImage(4, storage_path="thumbnails/rp/missing.jpg")]
+    out = cloud(runpod_settings, storage, respond).embed(images)
+    assert sent == [["0", "1", "2", "3"]]  # one job; the missing thumbnail is never sent
+    assert isinstance(out[4], NotFoundError) and "scene_keyframes" in out[4].message
+    assert isinstance(out[1], RemoteError) and "norm 2" in out[1].message
     first = out[0]
     assert isinstance(first, EmbeddingResult)
-    assert float(first.vector[0]) == pytest.approx(1.0)  # made unit length whatever the worker sent
     assert set(first.metadata) >= META_KEYS and first.metadata["backend"] == "runpod"
-    assert first.metadata["inference_time_ms"] == 1.5 and first.metadata["batch_size"] == 2
+    assert first.metadata["inference_time_ms"] == 1.5 and first.metadata["batch_size"] == 4
 
 
-def test_runpod_batch_failure_lands_in_every_slot(runpod_settings: Settings) -> None:
+def test_runpod_job_failure_is_raised_for_the_engine(runpod_settings: Settings, storage: Storage) -> None:
     def slow(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("timed out", request=request)
 
-    out = cloud(runpod_settings, slow).embed([SceneImage(i, url="https://h/a") for i in range(2)])
-    assert all(isinstance(r, RequestTimeoutError) for r in out)
-    assert log_result(5, "runpod", out[0]).splitlines() == [
-        "Scene 5: RunPod timeout: Request timeout after 60.0s",
-        "Scene 5: CLIP embedding failed: Timeout",
-    ]
+    with pytest.raises(RequestTimeoutError) as info:
+        cloud(runpod_settings, storage, slow).embed(thumbnails(storage, 2))
+    assert log_result(5, "runpod", info.value).splitlines()[1] == "Scene 5: CLIP embedding failed: Timeout"
+    assert log_result(5, "runpod", info.value).startswith(
+        "Scene 5: RunPod timeout: Request timeout after 60.0s"
+    )
 
 
-def test_runpod_auth_failure_stops_the_run(runpod_settings: Settings) -> None:
+def test_runpod_auth_failure_stops_the_run(runpod_settings: Settings, storage: Storage) -> None:
     error = encode_job_error(AuthError("Authentication failed: bad signature"))["error"]
     backend = cloud(
         runpod_settings,
+        storage,
         lambda request: httpx.Response(200, json={"id": "j", "status": "FAILED", "error": error}),
     )
     with pytest.raises(AuthError):
-        backend.embed([SceneImage(0, url="https://h/a")])
+        backend.embed(thumbnails(storage, 1))
 
 
 def test_success_log_line_matches_the_seed() -> None:
@@ -214,20 +236,17 @@ def test_runpod_and_local_backends_agree_through_the_real_worker(
     paths = [f"thumbnails/v2/{i}.jpg" for i in range(4)]
     for i, path in enumerate(paths):
         storage.upload(path, jpeg(100 + i, size=(480, 270)), content_type="image/jpeg")
-    images = [
-        SceneImage(i, storage_path=p, url=storage.create_signed_url(p, 300)) for i, p in enumerate(paths)
-    ]
-    tampered = SceneImage(  # a token signed for another path: the worker cannot fetch it
-        9, url=storage.create_signed_url("thumbnails/v2/0.jpg", 300).replace("/0.jpg", "/9.jpg")
-    )
+    images = [SceneImage(i, storage_path=p) for i, p in enumerate(paths)]
+    storage.upload("thumbnails/v2/9.jpg", b"not a jpeg", content_type="image/jpeg")
+    broken = SceneImage(9, storage_path="thumbnails/v2/9.jpg")  # the worker fetches it, cannot decode it
 
     remote = make_backend(settings, storage)
     local = make_backend(settings.replace(clip_backend="local"), storage)
     assert remote.model_version == local.model_version
-    remote_out = remote.embed([*images, tampered])
+    remote_out = remote.embed([*images, broken])
     local_out = local.embed(images)
 
-    assert isinstance(remote_out[-1], ClipError) and remote_out[-1].code == "image_download_failed"
+    assert isinstance(remote_out[-1], ClipError) and remote_out[-1].code == "invalid_image"
     for r, loc in zip(remote_out, local_out, strict=False):
         assert isinstance(r, EmbeddingResult) and isinstance(loc, EmbeddingResult)
         assert float(r.vector @ loc.vector) >= 0.999

@@ -234,18 +234,22 @@ def test_stale_and_missing_embeddings(store: VectorStore) -> None:
     embed_all(store, stale, rng, model_version="old-model-v0")
     missing = add_video(store, 3)
 
-    needing = store.scenes_needing_embeddings(MODEL)
-    assert sorted((s.video_id, s.index) for s in needing) == sorted(
-        [(stale, 0), (stale, 1), (missing, 0), (missing, 1), (missing, 2)]
-    )
-    assert len(store.scenes_needing_embeddings(MODEL, video_id=missing, limit=2)) == 2
-    assert store.scenes_needing_embeddings(MODEL, video_id=fresh) == []
-    assert len(store.scenes_needing_embeddings(MODEL, video_id=fresh, force=True)) == 2
-    assert set(store.videos_needing_embeddings(MODEL, limit=10)) == {stale, missing}
-    assert len(store.videos_needing_embeddings(MODEL, limit=1)) == 1
+    def needing(**kwargs: object) -> list[tuple[str, int]]:
+        return [(s.video_id, s.index) for page in store.iter_scenes_to_embed(MODEL, **kwargs) for s in page]
+
+    expected = sorted([(stale, 0), (stale, 1), (missing, 0), (missing, 1), (missing, 2)])
+    assert needing() == expected
+    # Keyset pages: any page size gives the same scenes, in (video, index) order, each once.
+    assert needing(page_size=2) == expected
+    assert [len(p) for p in store.iter_scenes_to_embed(MODEL, page_size=2)] == [2, 2, 1]
+    assert needing(video_ids=[missing]) == [(missing, i) for i in range(3)]
+    assert needing(video_ids=[fresh]) == []
+    assert len(needing(video_ids=[fresh], force=True)) == 2
+    assert set(store.videos_needing_embeddings(MODEL, [fresh, stale, missing])) == {stale, missing}
+    assert dict(store.embedding_backlog(MODEL)) == {stale: 2, missing: 3}
 
     assert store.clear_embeddings(fresh) == 2
-    assert len(store.scenes_needing_embeddings(MODEL, video_id=fresh)) == 2
+    assert len(needing(video_ids=[fresh])) == 2
 
 
 def test_cached_embeddings_across_videos(store: VectorStore) -> None:

@@ -1,4 +1,4 @@
-"""RunPodClient against RunPod's cloud, stubbed at the HTTP boundary (httpx.MockTransport).
+"""RunPodClient against RunPod's cloud, stubbed at the HTTP boundary (httpx.MockTransport, async).
 
 The stub answers the way api.runpod.ai does (runsync, status polling, FAILED job shapes, 401/5xx); the
 signatures it receives are checked with the worker's own :class:`Verifier`, replay cache included.
@@ -45,21 +45,6 @@ VECTORS = json.loads((Path(__file__).parents[1] / "data" / "hmac_vectors.json").
 Responder = Callable[[httpx.Request], httpx.Response]
 
 
-class FakeTime:
-    """A monotonic clock that only moves when the client sleeps (or a request takes "time")."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-        self.sleeps: list[float] = []
-
-    def clock(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.now += seconds
-
-
 class CloudStub:
     """RunPod's cloud API: answers from a script and records what it was sent.
 
@@ -92,6 +77,8 @@ class CloudStub:
 def batch_output(request: httpx.Request, *, dim: int = 512, **fields: Any) -> dict[str, Any]:
     images = json.loads(request.content)["input"]["images"]
     rng = np.random.default_rng(len(images))
+    vectors = rng.standard_normal((len(images), dim))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return {
         "model": "ViT-B-32",
         "pretrained": "openai",
@@ -101,10 +88,10 @@ def batch_output(request: httpx.Request, *, dim: int = 512, **fields: Any) -> di
         "results": [
             {
                 "request_id": img.get("request_id"),
-                "embedding": encode_embedding(rng.standard_normal(dim), "base64"),
+                "embedding": encode_embedding(vector, "base64"),
                 "timings": {"download_ms": 5.0, "inference_ms": 2.5, "total_ms": 8.0},
             }
-            for img in images
+            for img, vector in zip(images, vectors, strict=True)
         ],
         **fields,
     }
@@ -123,7 +110,7 @@ def reply(http_status: int = 200, /, **body: Any) -> Responder:
     return lambda request: httpx.Response(http_status, json=body)
 
 
-def make_client(stub: CloudStub, fake: FakeTime, **kwargs: Any) -> RunPodClient:
+def make_client(stub: CloudStub, **kwargs: Any) -> RunPodClient:
     options: dict[str, Any] = {
         "api_key": API_KEY,
         "hmac_secret": SECRET,
@@ -133,8 +120,9 @@ def make_client(stub: CloudStub, fake: FakeTime, **kwargs: Any) -> RunPodClient:
         "dim": 512,
         "model_version": "openai-vit-b-32-v1",
         "transport": httpx.MockTransport(stub),
-        "sleep": fake.sleep,
-        "clock": fake.clock,
+        "backoff_base_s": 0.001,
+        "poll_interval_s": 0.001,
+        "poll_max_interval_s": 0.002,
     } | kwargs
     return RunPodClient(URL, **options)
 
@@ -149,14 +137,9 @@ def make_jpeg(seed: int) -> bytes:
 ITEMS = [ImageItem(f"https://h/{i}.jpg", request_id=str(i)) for i in range(3)]
 
 
-@pytest.fixture
-def fake() -> FakeTime:
-    return FakeTime()
-
-
-def test_batch_completed_in_one_call(fake: FakeTime) -> None:
+def test_batch_completed_in_one_call() -> None:
     stub = CloudStub(completed())
-    with make_client(stub, fake) as client:
+    with make_client(stub) as client:
         out = client.embed_batch(ITEMS)
     assert len(out) == 3 and all(isinstance(e, RemoteEmbedding) for e in out)
     first = out[0]
@@ -172,9 +155,7 @@ def test_batch_completed_in_one_call(fake: FakeTime) -> None:
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['kind']}-{v['sig'][:8]}")
-def test_signing_matches_golden_vectors(
-    vector: dict[str, Any], fake: FakeTime, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_signing_matches_golden_vectors(vector: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     # The client sends single images signed as the guide signs them (version 1) and batches signed
     # whole (version 2, base64); the worker's tests cover the other vectors.
     job = vector.get("input", {})
@@ -184,7 +165,7 @@ def test_signing_matches_golden_vectors(
     if "auth" in job:
         monkeypatch.setattr(signing._secrets, "token_hex", lambda n: job["auth"]["nonce"])
     stub = CloudStub(reply(200, id="j", status="FAILED", error="stop here"))
-    client = make_client(stub, fake, hmac_secret=vector["secret"], max_retries=0, model_name=job.get("model"))
+    client = make_client(stub, hmac_secret=vector["secret"], max_retries=0, model_name=job.get("model"))
     with pytest.raises(ClipError):
         if vector["kind"] == "request-v2":
             client.embed_batch([ImageItem(i["image_url"], i.get("request_id")) for i in job["images"]])
@@ -197,84 +178,83 @@ def test_signing_matches_golden_vectors(
         assert sent["auth"] == {"ts": vector["ts"], "sig": vector["sig"]}
 
 
-def test_in_queue_is_polled_with_get_until_completed(fake: FakeTime) -> None:
+def test_in_queue_is_polled_with_get_until_completed() -> None:
     stub = CloudStub(
         reply(200, id="job-1", status="IN_QUEUE"),
         reply(200, id="job-1", status="IN_PROGRESS"),
         completed(),
     )
-    out = make_client(stub, fake).embed_batch(ITEMS)
+    out = make_client(stub).embed_batch(ITEMS)
     assert all(isinstance(e, RemoteEmbedding) for e in out)
     assert [(r.method, r.url.path) for r in stub.requests[1:]] == [("GET", "/v2/ep123/status/job-1")] * 2
-    assert fake.sleeps == [0.25, 0.5]  # backoff between polls, nothing else
 
 
-def test_status_falls_back_to_post_on_405(fake: FakeTime) -> None:
+def test_status_falls_back_to_post_on_405() -> None:
     stub = CloudStub(
         reply(200, id="job-1", status="IN_QUEUE"), reply(405, detail="Method Not Allowed"), completed()
     )
-    make_client(stub, fake).embed_batch(ITEMS)
+    make_client(stub).embed_batch(ITEMS)
     assert [r.method for r in stub.requests] == ["POST", "GET", "POST"]
 
 
 @pytest.mark.parametrize("status", [500, 502, 429])
-def test_transient_http_errors_are_retried_with_a_fresh_signature(status: int, fake: FakeTime) -> None:
+def test_transient_http_errors_are_retried_with_a_fresh_signature(status: int) -> None:
     stub = CloudStub(reply(status, error="busy"), completed())
-    out = make_client(stub, fake).embed_batch(ITEMS)
+    out = make_client(stub).embed_batch(ITEMS)
     assert all(isinstance(e, RemoteEmbedding) for e in out)
     first, second = stub.inputs()
     assert second["auth"]["ts"] > first["auth"]["ts"]
     # Both reach the worker's verifier: the retry must not look like a replay of the first attempt.
     stub.verify(first)
     stub.verify(second)
-    assert len(fake.sleeps) == 1 and 0 <= fake.sleeps[0] <= 0.5
 
 
-def test_network_error_is_retried_then_raised(fake: FakeTime) -> None:
+def test_network_error_is_retried_then_raised() -> None:
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("connection refused", request=request)
 
     stub = CloudStub(*[refuse] * 3)
     with pytest.raises(NetworkError, match=r"^Connection error: Failed to connect to api\.runpod\.ai"):
-        make_client(stub, fake, max_retries=2).embed_batch(ITEMS)
+        make_client(stub, max_retries=2).embed_batch(ITEMS)
     assert len(stub.requests) == 3
-    assert all(0 <= s <= cap for s, cap in zip(fake.sleeps, [0.5, 1.0], strict=True))  # full jitter
 
 
-def test_our_auth_failure_is_not_retried(fake: FakeTime) -> None:
+def test_our_auth_failure_is_not_retried() -> None:
     error = encode_job_error(AuthError("Authentication failed: bad signature"))["error"]
     stub = CloudStub(reply(200, id="j", status="FAILED", error=error))
     with pytest.raises(AuthError, match="bad signature"):
-        make_client(stub, fake).embed_batch(ITEMS)
-    assert len(stub.requests) == 1 and fake.sleeps == []
+        make_client(stub).embed_batch(ITEMS)
+    assert len(stub.requests) == 1
 
 
 @pytest.mark.parametrize("status", [401, 403])
-def test_rejected_api_key_is_not_retried_and_never_shown(status: int, fake: FakeTime) -> None:
+def test_rejected_api_key_is_not_retried_and_never_shown(status: int) -> None:
     stub = CloudStub(reply(status, error=f"invalid key {API_KEY}"))
     with pytest.raises(AuthError) as info:
-        make_client(stub, fake).embed_batch(ITEMS)
+        make_client(stub).embed_batch(ITEMS)
     assert len(stub.requests) == 1
     assert "RUNPOD_API_KEY" in info.value.message
     assert API_KEY not in str(info.value) and SECRET not in str(info.value)
 
 
-def test_server_error_body_echoing_the_key_is_redacted(fake: FakeTime) -> None:
+def test_server_error_body_echoing_the_key_is_redacted() -> None:
     stub = CloudStub(reply(404, error=f"no endpoint for {API_KEY} / {SECRET}"))
     with pytest.raises(RemoteError) as info:
-        make_client(stub, fake).embed_batch(ITEMS)
+        make_client(stub).embed_batch(ITEMS)
     assert API_KEY not in str(info.value) and SECRET not in str(info.value)
     assert len(stub.requests) == 1  # a 404 is a wrong endpoint id, not a blip
 
 
-def test_job_stuck_in_queue_times_out_with_the_seed_message(fake: FakeTime) -> None:
-    stub = CloudStub(*[reply(200, id="job-1", status="IN_QUEUE")] * 200)
-    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 60\.0s$"):
-        make_client(stub, fake, max_retries=1).embed_batch(ITEMS)
-    assert len(stub.inputs()) == 2  # a timeout is retried once, then raised
+def test_job_stuck_in_queue_times_out_with_the_seed_message() -> None:
+    stub = CloudStub(*[reply(200, id="job-1", status="IN_QUEUE")] * 2000)
+    started = time.monotonic()
+    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 0\.5s \(RUNPOD_TIMEOUT_S covers"):
+        make_client(stub, max_retries=1, timeout_s=0.5).embed_batch(ITEMS)
+    # One deadline for the whole call: the timed-out job is not sent again past it.
+    assert len(stub.inputs()) == 1 and time.monotonic() - started < 1.5
 
 
-def test_timed_out_job_is_cancelled_once_before_the_retry(fake: FakeTime) -> None:
+def test_timed_out_job_is_cancelled_once_before_the_retry() -> None:
     jobs = iter(["job-a", "job-b"])
     calls: list[str] = []  # every request but the status polls, in order
     job = ""
@@ -290,78 +270,82 @@ def test_timed_out_job_is_cancelled_once_before_the_retry(fake: FakeTime) -> Non
             return httpx.Response(404, json={"error": "not found"})  # as the local SDK server answers
         return httpx.Response(200, json={"id": job, "status": "IN_QUEUE"})
 
-    client = make_client(CloudStub(), fake, max_retries=1, transport=httpx.MockTransport(cloud))
-    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 60\.0s$"):
+    client = make_client(CloudStub(), max_retries=1, timeout_s=0.3, transport=httpx.MockTransport(cloud))
+    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 0\.3s"):
         client.embed_batch(ITEMS)
-    # Each attempt's job is cancelled exactly once, before the retry submits the next one.
-    assert calls == ["POST /runsync", "POST /cancel/job-a", "POST /runsync", "POST /cancel/job-b"]
+    # The job still pending at the deadline is cancelled exactly once (in the background).
+    for _ in range(100):
+        if len(calls) == 2:
+            break
+        time.sleep(0.01)
+    assert calls == ["POST /runsync", "POST /cancel/job-a"]
 
 
-def test_failed_cancel_still_raises_the_timeout(fake: FakeTime) -> None:
+def test_failed_cancel_still_raises_the_timeout() -> None:
     def transport(request: httpx.Request) -> httpx.Response:
         if "/cancel/" in request.url.path:
             raise httpx.ConnectError("connection refused", request=request)
         return httpx.Response(200, json={"id": "job-1", "status": "IN_PROGRESS"})
 
-    client = make_client(CloudStub(), fake, max_retries=0, transport=httpx.MockTransport(transport))
-    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 60\.0s$"):
+    client = make_client(CloudStub(), max_retries=0, timeout_s=0.3, transport=httpx.MockTransport(transport))
+    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 0\.3s"):
         client.embed_batch(ITEMS)
 
 
-def test_http_timeout_is_a_timeout_error(fake: FakeTime) -> None:
+def test_http_timeout_is_a_timeout_error() -> None:
     def slow(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("timed out", request=request)
 
     stub = CloudStub(slow)
-    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 60\.0s$"):
-        make_client(stub, fake, max_retries=0).embed_batch(ITEMS)
+    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 60\.0s"):
+        make_client(stub, max_retries=0).embed_batch(ITEMS)
 
 
-def test_retryable_failed_job_is_retried_then_given_up(fake: FakeTime) -> None:
+def test_retryable_failed_job_is_retried_then_given_up() -> None:
     error = json.dumps({"error_type": "RuntimeError", "error_message": "CUDA OOM", "error_traceback": "..."})
     stub = CloudStub(*[reply(200, id="j", status="FAILED", error=error)] * 3)
     with pytest.raises(InternalError, match="Worker raised RuntimeError: CUDA OOM"):
-        make_client(stub, fake, max_retries=2).embed_batch(ITEMS)
-    assert len(stub.inputs()) == 3 and len(fake.sleeps) == 2
+        make_client(stub, max_retries=2).embed_batch(ITEMS)
+    assert len(stub.inputs()) == 3
 
 
-def test_unexpected_dimension_is_a_model_mismatch(fake: FakeTime) -> None:
+def test_unexpected_dimension_is_a_model_mismatch() -> None:
     stub = CloudStub(completed(dim=768))
     with pytest.raises(ModelMismatchError, match=r"^Unexpected embedding dimension: 768 \(expected 512\)$"):
-        make_client(stub, fake).embed_batch(ITEMS)
+        make_client(stub).embed_batch(ITEMS)
     assert len(stub.requests) == 1
 
 
-def test_other_model_version_is_a_model_mismatch(fake: FakeTime) -> None:
+def test_other_model_version_is_a_model_mismatch() -> None:
     stub = CloudStub(completed(model_version="laion-vit-b-32-v1"))
     with pytest.raises(ModelMismatchError, match="CLIP_MODEL_VERSION") as info:
-        make_client(stub, fake).embed_batch(ITEMS)
+        make_client(stub).embed_batch(ITEMS)
     assert "CLIP_MODEL_NAME" in info.value.message
 
 
-def test_malformed_json_is_a_remote_error_not_retried(fake: FakeTime) -> None:
+def test_malformed_json_is_a_remote_error_not_retried() -> None:
     stub = CloudStub(lambda request: httpx.Response(200, text="<html>bad gateway</html>"))
     with pytest.raises(RemoteError, match="malformed JSON"):
-        make_client(stub, fake).embed_batch(ITEMS)
+        make_client(stub).embed_batch(ITEMS)
     assert len(stub.requests) == 1
 
 
-def test_per_image_errors_stay_in_their_slot(fake: FakeTime) -> None:
+def test_per_image_errors_stay_in_their_slot() -> None:
     def one_bad(request: httpx.Request) -> httpx.Response:
         output = batch_output(request)
         output["results"][1] = {"request_id": "1", "error": InvalidImageError("not a JPEG").to_dict()}
         return httpx.Response(200, json={"id": "j", "status": "COMPLETED", "output": output})
 
-    out = make_client(CloudStub(one_bad), fake).embed_batch(ITEMS)
+    out = make_client(CloudStub(one_bad)).embed_batch(ITEMS)
     assert isinstance(out[0], RemoteEmbedding) and isinstance(out[2], RemoteEmbedding)
     assert isinstance(out[1], InvalidImageError) and out[1].message == "not a JPEG"
 
 
-def test_embed_one_speaks_the_seed_request(fake: FakeTime) -> None:
+def test_embed_one_speaks_the_seed_request() -> None:
     def single(request: httpx.Request) -> httpx.Response:
         job_input = json.loads(request.content)["input"]
         output = {
-            "embedding": [0.5] * 512,
+            "embedding": [512**-0.5] * 512,
             "dim": 512,
             "model": "ViT-B-32",
             "model_version": "openai-vit-b-32-v1",
@@ -371,7 +355,7 @@ def test_embed_one_speaks_the_seed_request(fake: FakeTime) -> None:
         return httpx.Response(200, json={"id": "j", "status": "COMPLETED", "output": output})
 
     stub = CloudStub(single)
-    emb = make_client(stub, fake).embed_one("https://h/a.jpg", request_id="scene-5")
+    emb = make_client(stub).embed_one("https://h/a.jpg", request_id="scene-5")
     assert emb.request_id == "scene-5" and emb.total_ms == 234.0 and emb.dim == 512
     job_input = stub.inputs()[0]
     assert set(job_input) == {"image_url", "request_id", "normalize", "encoding", "model", "auth"}
@@ -395,14 +379,14 @@ def test_from_settings_uses_the_endpoint_settings() -> None:
 
 
 # -------------------------------------------------------------------- the real worker (RunPod SDK local API)
-class CountingTransport(httpx.HTTPTransport):
+class CountingTransport(httpx.AsyncHTTPTransport):
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.calls += 1
-        return super().handle_request(request)
+        return await super().handle_async_request(request)
 
 
 def test_real_worker_single_and_batch(worker_url: str, worker_secret: str, image_server: ImageServer) -> None:
@@ -426,5 +410,5 @@ def test_real_worker_refuses_a_bad_secret_without_retries(worker_url: str, image
         worker_url, api_key=None, hmac_secret="not-the-secret", max_retries=3, transport=transport
     )
     with pytest.raises(AuthError, match="EMBEDDING_HMAC_SECRET") as info:
-        client.embed_batch([ImageItem(url)])
+        client.embed_batch([ImageItem(url, "0")])
     assert transport.calls == 1 and "not-the-secret" not in str(info.value)

@@ -1,4 +1,4 @@
-"""The three assets materialized in-process on embedded Postgres + embedded storage + real CLIP."""
+"""The assets materialized in-process on embedded Postgres + embedded storage + real CLIP."""
 
 import uuid
 from pathlib import Path
@@ -37,8 +37,8 @@ def test_local_backend_end_to_end(local_env: Settings, sample_video: Path, regis
         for e in result.get_asset_materialization_events()
     }
     meta = mats["scene_clip_embeddings"]
-    assert meta["scene_count"].value == 4 and meta["backend"].value == "local"
-    assert "inference_p95_ms" in meta and meta["failures"].value == 0
+    assert meta["computed"].value == 4 and meta["backend"].value == "local"
+    assert meta["jobs"].value == 1 and meta["failures"].value == 0
     assert "contact_sheet" in mats["scene_keyframes"]
     rows = store.query(STEP7_SQL, (video_id,))
     assert [r["has_clip"] for r in rows] == [True] * 4

@@ -9,10 +9,14 @@ from pathlib import Path
 import dagster as dg
 import numpy as np
 import pytest
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
+from dagster._core.test_utils import create_run_for_test
 
 from heimdex_clip_assets import services
 from heimdex_clip_assets.adapters.db import EmbeddingRow, SceneRecord
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.definitions import defs
+from heimdex_clip_assets.defs import schedules
 from heimdex_clip_assets.defs.resources import ClipInferenceResource, StorageResource, VectorStoreResource
 from heimdex_clip_assets.defs.schedules import embedding_backfill_schedule
 from heimdex_clip_assets.defs.sensors import new_videos_sensor
@@ -80,7 +84,14 @@ def test_sensor_waits_for_files_still_being_copied(
     assert (inbox / "fresh.mp4").exists() and (inbox / ".partial.mp4").exists()
 
 
-def test_schedule_selects_missing_and_stale_embeddings(
+def _evaluate(instance: dg.DagsterInstance) -> list[dg.RunRequest] | dg.SkipReason:
+    context = dg.build_schedule_context(
+        instance=instance, resources=RESOURCES, scheduled_execution_time=dt.datetime(2026, 11, 26, 6)
+    )
+    return embedding_backfill_schedule(context)
+
+
+def test_schedule_requests_ranges_with_missing_and_stale_embeddings(
     local_env: Settings, instance: dg.DagsterInstance, sample_video: Path, make_video, register, materialize
 ) -> None:
     store = services.vector_store(local_env)
@@ -95,34 +106,42 @@ def test_schedule_selects_missing_and_stale_embeddings(
             for s in store.scenes(stale)
         ],
     )
-    unpartitioned = register(make_video(scenes=4))  # the sensor's job, not the schedule's
+    register(make_video(scenes=4))  # registered but not partitioned yet: the sensor's, not ours
 
-    def evaluate() -> list[dg.RunRequest] | dg.SkipReason:
-        context = dg.build_schedule_context(
-            instance=instance, resources=RESOURCES, scheduled_execution_time=dt.datetime(2026, 11, 26, 6)
-        )
-        return embedding_backfill_schedule(context)
+    (request,) = _evaluate(instance)  # one range holds every partition (HEIMDEX_PARTITIONS_PER_RUN=100)
+    keys = instance.get_dynamic_partitions("videos")
+    assert (request.tags[ASSET_PARTITION_RANGE_START_TAG], request.tags[ASSET_PARTITION_RANGE_END_TAG]) == (
+        keys[0],
+        keys[-1],
+    )
+    result = defs.resolve_job_def("embed_scenes").execute_in_process(
+        instance=instance, tags=request.tags, raise_on_error=False
+    )
+    assert result.success
+    assert sorted(
+        m.partition for m in result.asset_materializations_for_node("scene_clip_embeddings")
+    ) == sorted(keys)
+    assert isinstance(_evaluate(instance), dg.SkipReason)
 
-    requests = evaluate()
-    assert sorted(r.partition_key for r in requests) == sorted([stale, missing])
-    assert unpartitioned not in {r.partition_key for r in requests}
-    for r in requests:
-        assert materialize(r.partition_key, job="embed_scenes").success
-    assert isinstance(evaluate(), dg.SkipReason)
 
-
-def test_schedule_is_bounded_per_tick(
+def test_schedule_splits_ranges_and_waits_for_its_own_runs(
     local_env: Settings, instance: dg.DagsterInstance, make_video, register, materialize, monkeypatch
 ) -> None:
     monkeypatch.setenv("CLIP_INFERENCE_BACKEND", "off")
     for n in (2, 3, 4):
         assert materialize(register(make_video(scenes=n))).success
     monkeypatch.setenv("CLIP_INFERENCE_BACKEND", "local")
-    monkeypatch.setenv("HEIMDEX_BACKFILL_MAX_RUNS", "2")
-    context = dg.build_schedule_context(
-        instance=instance, resources=RESOURCES, scheduled_execution_time=dt.datetime(2026, 11, 26, 6)
+    monkeypatch.setattr(schedules, "PARTITIONS_PER_RUN", 2)
+    requests = _evaluate(instance)
+    assert [len(instance.get_dynamic_partitions("videos")), len(requests)] == [3, 2]
+    create_run_for_test(
+        instance,
+        job_name="embed_scenes",
+        tags=requests[0].tags,
+        status=dg.DagsterRunStatus.STARTED,
     )
-    assert len(embedding_backfill_schedule(context)) == 2
+    skipped = _evaluate(instance)
+    assert isinstance(skipped, dg.SkipReason) and "still going" in str(skipped.skip_message)
 
 
 def _scene(index: int, vector: np.ndarray | None, version: str = "v1") -> SceneRecord:
@@ -163,8 +182,6 @@ def test_each_check_fails_when_it_should(rule: str, bad: list[SceneRecord]) -> N
 def test_asset_check_fails_in_dagster_on_a_bad_vector(
     local_env: Settings, sample_video: Path, register, materialize, instance: dg.DagsterInstance
 ) -> None:
-    from heimdex_clip_assets.definitions import defs
-
     video_id = register(sample_video)
     assert materialize(video_id).success
     store = services.vector_store(local_env)
@@ -181,3 +198,4 @@ def test_asset_check_fails_in_dagster_on_a_bad_vector(
     result = job.execute_in_process(partition_key=video_id, instance=instance, raise_on_error=False)
     (evaluation,) = result.get_asset_check_evaluations()
     assert not evaluation.passed and "norm" in evaluation.description
+    assert not result.success  # blocking: bad vectors never make a successful run

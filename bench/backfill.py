@@ -1,0 +1,249 @@
+"""Backfill bench: the embedding engine against an endpoint that answers like the worker, with latency.
+
+    .venv/bin/python bench/backfill.py [--videos 400] [--scenes-per-video 50] [--latency-ms 200]
+                                       [--batch 256] [--in-flight 3] [--fetch] [--today-videos 40]
+                                       [--endpoint URL --secret-env VAR]
+
+Setup: ``videos x scenes`` scene rows (20,000 by default) in the embedded database, a small JPEG thumbnail
+per scene in the embedded storage, and the loopback worker (``devservices/loopback_worker.py``) in its
+own process: it verifies each job's signature, optionally downloads every signed URL (``--fetch``), waits
+``--latency-ms`` per job and answers with unit vectors. The RunPod backend and client are the real ones.
+
+Two runs in one process, on the same rows, endpoint and machine:
+
+* today: what the pipeline did before the engine (one video at a time, 32 images per job, one job in
+  flight), over ``--today-videos`` videos;
+* engine: the whole library through the engine with ``--batch`` images per job and ``--in-flight`` jobs
+  (the defaults: CLIP_BATCH_SIZE=256, RUNPOD_MAX_IN_FLIGHT=3).
+
+It prints images/s, jobs in flight (as the endpoint saw them), the ratio to the endpoint's ideal
+``in_flight x batch / latency``, the engine over today, and where the engine's time went (database writes
+of the vectors, which maintain the HNSW index, against the rest).
+
+``--endpoint`` points the same bench at a real worker (e.g. ``python -m runpod_worker.handler
+--rp_serve_api`` on a GPU machine, with IMAGE_ALLOW_PRIVATE_HOSTS=true so it may fetch from the embedded
+storage on loopback); thumbnails are then real 480x270 JPEGs and every URL is fetched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+from _common import isolated_home, load_note, timed
+from PIL import Image
+
+from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.clip_backends import RunPodBackend
+from heimdex_clip_assets.adapters.db import SceneRecord, VectorStore, VideoRecord
+from heimdex_clip_assets.adapters.runpod_client import RunPodClient
+from heimdex_clip_assets.adapters.storage import Storage
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig
+from heimdex_clip_assets.pipeline.embed import EmbeddingEngine, EngineReport
+
+TODAY_BATCH, TODAY_IN_FLIGHT = 32, 1
+TARGET_RATIO, TARGET_SPEEDUP = 0.8, 10.0
+
+
+def thumbnail(seed: int, size: tuple[int, int]) -> bytes:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (9, 16, 3), dtype=np.uint8)  # smooth, so a real decoder has work but the
+    image = Image.fromarray(small).resize(size, Image.BILINEAR)  # file stays thumbnail-sized
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def populate(
+    store: VectorStore, storage: Storage, videos: int, per_video: int, size: tuple[int, int]
+) -> list[str]:
+    """Videos with ``per_video`` scenes each, a distinct thumbnail per scene (no cache hits)."""
+    jpegs = [thumbnail(i, size) for i in range(64)]
+    ids = [str(uuid.UUID(int=v + 1)) for v in range(videos)]
+
+    def one(v: int) -> None:
+        video_id = ids[v]
+        store.upsert_video(
+            VideoRecord(id=video_id, storage_path=f"videos/{video_id}/v.mp4", status="scenes_ready")
+        )
+        records = []
+        for i in range(per_video):
+            path = f"thumbnails/{video_id}/{i}.jpg"
+            storage.upload(path, jpegs[(v + i) % len(jpegs)], content_type="image/jpeg")
+            records.append(SceneRecord(i, i, i + 1, i + 0.5, path, f"{video_id}-{i}"))
+        store.replace_scenes(video_id, records)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(videos)))
+    return ids
+
+
+def start_loopback(
+    latency_ms: float, secret: str, fetch: bool, folder: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    port_file = folder / "loopback.port"
+    cmd = [
+        sys.executable,
+        "-m",
+        "heimdex_clip_assets.devservices.loopback_worker",
+        "--port-file",
+        str(port_file),
+    ]
+    cmd += ["--latency-ms", str(latency_ms)] + (["--fetch"] if fetch else [])
+    proc = subprocess.Popen(cmd, env={**os.environ, "EMBEDDING_HMAC_SECRET": secret})
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if port_file.exists() and (port := port_file.read_text().strip()):
+            url = f"http://127.0.0.1:{port}"
+            try:
+                httpx.get(f"{url}/stats", timeout=1)
+                return proc, url
+            except httpx.TransportError:
+                pass
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the loopback worker did not start")
+
+
+class Spy:
+    """Seconds spent in the store's embedding writes (summed over the engine's threads)."""
+
+    def __init__(self, store: VectorStore) -> None:
+        self.seconds = 0.0
+        original = store.write_scene_embeddings
+
+        def timed_write(rows):  # type: ignore[no-untyped-def]
+            t0 = time.perf_counter()
+            try:
+                return original(rows)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        store.write_scene_embeddings = timed_write  # type: ignore[method-assign]
+
+
+def run_today(
+    store: VectorStore, backend: RunPodBackend, video_ids: list[str], model_version: str
+) -> tuple[int, float]:
+    """The pre-engine pipeline: each video on its own, 32 images per job, one job at a time."""
+    engine = EmbeddingEngine(
+        store, backend, batch_size=TODAY_BATCH, max_in_flight=TODAY_IN_FLIGHT, use_cache=False
+    )
+    images, started = 0, time.perf_counter()
+    for video_id in video_ids:
+        images += engine.run(store.iter_scenes_to_embed(model_version, video_ids=[video_id])).embedded
+    return images, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--videos", type=int, default=400)
+    parser.add_argument("--scenes-per-video", type=int, default=50)
+    parser.add_argument("--latency-ms", type=float, default=200.0, help="the loopback worker's time per job")
+    parser.add_argument("--batch", type=int, default=256, help="CLIP_BATCH_SIZE (default: RunPod's)")
+    parser.add_argument("--in-flight", type=int, default=3, help="RUNPOD_MAX_IN_FLIGHT (default 3)")
+    parser.add_argument("--fetch", action="store_true", help="the loopback worker downloads every URL")
+    parser.add_argument("--today-videos", type=int, default=40, help="videos for the pre-engine run")
+    parser.add_argument("--endpoint", help="a real worker's URL instead of the loopback one")
+    parser.add_argument("--secret-env", default="EMBEDDING_HMAC_SECRET", help="with --endpoint")
+    args = parser.parse_args()
+
+    with isolated_home() as home:
+        real = args.endpoint is not None
+        secret = os.environ.get(args.secret_env) if real else "bench-secret"
+        if not secret:
+            raise SystemExit(f"--endpoint needs the worker's secret in {args.secret_env}")
+        loopback = None
+        if real:
+            url = args.endpoint.rstrip("/")
+            model = dict(model_name="ViT-B-32", model_version=os.environ.get("CLIP_MODEL_VERSION"))
+        else:
+            loopback, url = start_loopback(args.latency_ms, secret, args.fetch, home)
+            cfg = LoopbackConfig()
+            model = dict(model_name=cfg.model, model_version=cfg.model_version)
+        try:
+            settings = Settings.from_env()
+            store, storage = services.vector_store(settings), services.storage(settings)
+            size = (480, 270) if real else (64, 36)
+            video_ids, setup_s = timed(
+                lambda: populate(store, storage, args.videos, args.scenes_per_video, size)
+            )
+            total = args.videos * args.scenes_per_video
+            print(f"setup: {total} scenes in {args.videos} videos, thumbnails in storage, in {setup_s:.1f} s")
+            print(
+                "endpoint: "
+                + (f"real worker at {url}" if real else f"loopback, {args.latency_ms:g} ms per job")
+                + (", every URL fetched" if real or args.fetch else "")
+            )
+            client = RunPodClient(url, api_key=None, hmac_secret=secret, timeout_s=120, dim=512, **model)
+            backend = RunPodBackend(client, storage, pretrained="bench", expires_in=300)
+            version = backend.model_version
+
+            spy = Spy(store)
+            today_images, today_s = run_today(store, backend, video_ids[: args.today_videos], version)
+            today_rate = today_images / today_s
+            print(
+                f"today  (per video, {TODAY_BATCH}/job, {TODAY_IN_FLIGHT} in flight): {today_images} images "
+                f"in {today_s:.1f} s = {today_rate:,.0f} images/s"
+            )
+
+            store.clear_embeddings()
+            spy.seconds = 0.0
+            if loopback is not None:
+                httpx.post(f"{url}/stats/reset")
+            engine = EmbeddingEngine(
+                store, backend, batch_size=args.batch, max_in_flight=args.in_flight, use_cache=False
+            )
+            report: EngineReport = engine.run(store.iter_scenes_to_embed(version))
+            assert report.embedded == total and not report.failed, report.failure_summary()
+            rate = report.embedded / report.wall_s
+            seen = (
+                httpx.get(f"{url}/stats").json()["max_in_flight"]
+                if loopback is not None
+                else report.peak_in_flight
+            )
+            print(
+                f"engine ({args.batch}/job, {args.in_flight} in flight): {report.embedded} images in "
+                f"{report.wall_s:.1f} s = {rate:,.0f} images/s; {report.jobs} jobs, "
+                f"peak in flight {seen} (endpoint) / {report.peak_in_flight} (engine)"
+            )
+            write_share = spy.seconds / (report.wall_s * args.in_flight)
+            print(
+                f"  database writes: {spy.seconds:.1f} s over {args.in_flight} job threads "
+                f"({report.embedded / max(spy.seconds, 1e-9):,.0f} vectors/s per thread, "
+                f"{write_share:.0%} of the job threads' time)"
+            )
+            if not real:
+                ideal = args.in_flight * args.batch / (args.latency_ms / 1000)
+                ratio = rate / ideal
+                print(
+                    f"ideal in_flight x batch / latency = {ideal:,.0f} images/s; ratio {ratio:.2f} "
+                    f"(target >= {TARGET_RATIO}: {'ok' if ratio >= TARGET_RATIO else 'MISSED'})"
+                )
+            speedup = rate / today_rate
+            print(
+                f"engine / today: x{speedup:.1f} (target >= {TARGET_SPEEDUP:g}: "
+                f"{'ok' if speedup >= TARGET_SPEEDUP else 'MISSED'})"
+            )
+            print(load_note())
+            client.close()
+        finally:
+            if loopback is not None:
+                loopback.terminate()
+                loopback.wait(10)
+
+
+if __name__ == "__main__":
+    main()

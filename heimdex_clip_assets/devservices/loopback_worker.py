@@ -1,0 +1,223 @@
+"""A loopback stand-in for the RunPod worker: the same wire contract, a configurable latency, no model.
+
+For benches and tests of everything on the caller's side of RunPod (packing, jobs in flight, signing,
+validation, writes): it verifies each job's signature with the contract's :class:`Verifier`, optionally
+downloads every signed URL (as the worker does), waits ``latency_s`` per job (queue, network and GPU time
+of a real endpoint), and answers with deterministic unit vectors (seeded by each URL's path, so the same
+thumbnail always gets the same vector). ``GET /stats`` says how many jobs and images it served and how
+many jobs overlapped at most; the last jobs' request ids show which scenes travelled together.
+
+    python -m heimdex_clip_assets.devservices.loopback_worker --port 8800 --latency-ms 200
+
+It serves RunPod's routes without the ``/v2/{endpoint}`` prefix, like the SDK's local API:
+``POST /runsync`` (and ``/run`` + ``/status/{id}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import os
+import socket
+import threading
+import uuid
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from heimdex_clip_contract.codec import encode_embedding
+from heimdex_clip_contract.errors import ClipError, ImageDownloadError, encode_job_error
+from heimdex_clip_contract.schema import parse_request
+from heimdex_clip_contract.signing import Verifier
+
+SECRET_ENV = "EMBEDDING_HMAC_SECRET"
+RECENT_JOBS = 256
+
+
+@dataclass
+class LoopbackConfig:
+    latency_s: float = 0.2
+    secret: str | None = None
+    fetch: bool = False  # download every URL (and fail its slot as the worker would) before answering
+    dim: int = 512
+    model: str = "ViT-B-32"
+    pretrained: str = "loopback"
+    model_version: str = "loopback-vit-b-32-v1"
+
+
+@dataclass
+class LoopbackStats:
+    jobs: int = 0
+    images: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    recent: deque[list[str | None]] = field(default_factory=lambda: deque(maxlen=RECENT_JOBS))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "jobs": self.jobs,
+            "images": self.images,
+            "in_flight": self.in_flight,
+            "max_in_flight": self.max_in_flight,
+            "recent_request_ids": list(self.recent),
+        }
+
+
+def _vector(url: str, dim: int) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(urlsplit(url).path.encode()).digest()[:8], "little")
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def create_app(config: LoopbackConfig) -> Starlette:
+    stats = LoopbackStats()
+    verifier = Verifier([config.secret]) if config.secret else None
+    finished: dict[str, dict[str, Any]] = {}
+
+    async def fetch_all(urls: list[str]) -> list[ClipError | None]:
+        async with httpx.AsyncClient(timeout=30) as client:
+
+            async def one(url: str) -> ClipError | None:
+                try:
+                    response = await client.get(url)
+                except httpx.HTTPError as exc:
+                    return ImageDownloadError(f"Image download failed ({type(exc).__name__})")
+                if response.status_code != 200:
+                    return ImageDownloadError(f"Image download failed: HTTP {response.status_code}")
+                return None
+
+            return list(await asyncio.gather(*(one(u) for u in urls)))
+
+    async def run_job(job_input: Any) -> dict[str, Any]:
+        stats.in_flight += 1
+        stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
+        try:
+            request = parse_request(job_input)
+            if verifier is not None:
+                verifier.verify(request.message, request.ts, request.sig)
+            urls = [item.image_url for item in request.items]
+            errors = await fetch_all(urls) if config.fetch else [None] * len(urls)
+            await asyncio.sleep(config.latency_s)
+        except ClipError as err:
+            return {"status": "FAILED", "error": encode_job_error(err)["error"]}
+        finally:
+            stats.in_flight -= 1
+        stats.jobs += 1
+        stats.images += len(request.items)
+        stats.recent.append([item.request_id for item in request.items])
+        head = {
+            "dim": config.dim,
+            "model": config.model,
+            "pretrained": config.pretrained,
+            "model_version": config.model_version,
+            "encoding": request.encoding,
+        }
+        results = [
+            {"request_id": item.request_id, "error": err.to_dict()}
+            if err is not None
+            else {
+                "request_id": item.request_id,
+                "embedding": encode_embedding(_vector(item.image_url, config.dim), request.encoding),
+                "timings": {"download_ms": 0.0, "inference_ms": 0.0},
+            }
+            for item, err in zip(request.items, errors, strict=True)
+        ]
+        if not request.batch:
+            if errors[0] is not None:
+                return {"status": "FAILED", "error": encode_job_error(errors[0])["error"]}
+            output = {**head, **results[0], "timings": {"total_ms": config.latency_s * 1000}}
+        else:
+            output = {**head, "results": results, "timings": {"total_ms": config.latency_s * 1000}}
+        return {"status": "COMPLETED", "output": output}
+
+    async def runsync(request: Request) -> JSONResponse:
+        body = await request.json()
+        return JSONResponse({"id": uuid.uuid4().hex, **await run_job(body.get("input"))})
+
+    async def run(request: Request) -> JSONResponse:
+        job_id = uuid.uuid4().hex
+        body = await request.json()
+        finished[job_id] = {"id": job_id, **await run_job(body.get("input"))}
+        return JSONResponse({"id": job_id, "status": "IN_QUEUE"})
+
+    async def status(request: Request) -> JSONResponse:
+        job = finished.pop(request.path_params["job_id"], None)
+        return JSONResponse(job or {"error": "job not found"}, status_code=200 if job else 404)
+
+    async def get_stats(request: Request) -> JSONResponse:
+        return JSONResponse(stats.as_dict())
+
+    async def reset_stats(request: Request) -> JSONResponse:
+        nonlocal stats
+        stats = LoopbackStats()
+        return JSONResponse({})
+
+    return Starlette(
+        routes=[
+            Route("/runsync", runsync, methods=["POST"]),
+            Route("/run", run, methods=["POST"]),
+            Route("/status/{job_id}", status, methods=["GET", "POST"]),
+            Route("/stats", get_stats, methods=["GET"]),
+            Route("/stats/reset", reset_stats, methods=["POST"]),
+        ]
+    )
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    return sock
+
+
+@contextmanager
+def serve_in_thread(config: LoopbackConfig, host: str = "127.0.0.1") -> Iterator[str]:
+    """Serve on a free port in a background thread (tests); yields the endpoint URL."""
+    import uvicorn
+
+    sock = _bind(host, 0)
+    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--port-file", help="write the chosen port here once listening")
+    parser.add_argument("--latency-ms", type=float, default=200.0, help="per job (default 200)")
+    parser.add_argument("--fetch", action="store_true", help="download every signed URL")
+    args = parser.parse_args(argv)
+    config = LoopbackConfig(
+        latency_s=args.latency_ms / 1000, secret=os.environ.get(SECRET_ENV), fetch=args.fetch
+    )
+    sock = _bind(args.host, args.port)
+    if args.port_file:
+        with open(args.port_file, "w") as fh:
+            fh.write(str(sock.getsockname()[1]))
+    uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning")).run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()
