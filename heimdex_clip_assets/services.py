@@ -116,8 +116,10 @@ def search_service(settings: Settings) -> SearchService:
         encoder = LocalQueryEncoder(settings_encoder(settings), settings.clip_model_version, policy)
     else:
         raise ConfigError("Search needs CLIP: set CLIP_INFERENCE_BACKEND=local or runpod")
+    vector_store(settings)  # migrated once, as for every command
     return SearchService(
-        vector_store(settings),
+        # Its own store with open connections: one per concurrent request (starlette's thread pool).
+        VectorStore(resolve_database_url(settings), dim=settings.clip_dim, pool_size=16),
         files,
         encoder,
         cache_size=settings.search_cache_size,

@@ -291,6 +291,7 @@ class SearchService:
 
     def close(self) -> None:
         self.batcher.close()
+        self.store.close()
 
     def image_vector(self, data: bytes) -> np.ndarray:
         self.images_encoded += 1

@@ -8,7 +8,9 @@ with a 4xx for the caller's mistakes, and never a traceback. Handlers stay thin:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Annotated, Any
 
@@ -126,10 +128,17 @@ def create_app(
     service: SearchService, authenticator: Authenticator, *, max_image_bytes: int = 10 * 1024 * 1024
 ) -> FastAPI:
     metrics = Metrics(service)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        service.close()  # the encoder's batching thread and the open database connections
+
     app = FastAPI(
         title="heimdex-clip search",
         version="1",
         description="Text or image in, the caller's closest video scenes out.",
+        lifespan=lifespan,
     )
     app.state.authenticator = authenticator
     app.add_middleware(MetricsMiddleware, metrics=metrics)
