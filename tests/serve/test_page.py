@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ from heimdex_clip_assets.pipeline.search import SearchService
 from heimdex_clip_assets.serve.app import create_app
 from heimdex_clip_assets.serve.auth import Authenticator
 from tests.serve.conftest import JWT_SECRET, Library, local_encoder, user_token
+from tests.worker.conftest import jpeg
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -136,3 +138,17 @@ def test_second_user_never_sees_the_first(browser, server_url: str, library: Lib
         page.press("#q", "Enter")
         page.wait_for_function("document.getElementById('status').textContent.includes('scenes in')")
         assert set(page.locator(".card .name").all_inner_texts()) == {"bravo.mp4"}
+    # Image search by dropping a picture on the page: still only Bob's scenes.
+    page.evaluate("document.getElementById('status').textContent = ''")
+    page.evaluate(
+        """b64 => {
+            const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+            const data = new DataTransfer();
+            data.items.add(new File([bytes], "query.jpg", {type: "image/jpeg"}));
+            window.dispatchEvent(new DragEvent("drop", {dataTransfer: data, cancelable: true}));
+        }""",
+        base64.b64encode(jpeg(seed=5)).decode(),
+    )
+    page.wait_for_function("document.getElementById('status').textContent.includes('scenes in')")
+    assert page.locator(".card").count() == 2
+    assert set(page.locator(".card .name").all_inner_texts()) == {"bravo.mp4"}
