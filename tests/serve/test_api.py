@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import httpx
 import pytest
 
+from heimdex_clip_assets.pipeline.search import LocalQueryEncoder
+from runpod_worker.fetch import FetchPolicy
 from tests.serve.conftest import API_KEY, JWT_SECRET, PHRASES, Library, MakeClient, user_token
 from tests.worker.conftest import jpeg
+
+if TYPE_CHECKING:
+    from runpod_worker.encoder import ClipEncoder
 
 
 def error(reply: httpx.Response, status: int, code: str) -> str:
@@ -171,3 +178,15 @@ def test_metrics_and_docs(make_client: MakeClient) -> None:
     assert client.get("/docs").status_code == 200
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/search", "/v1/search/image", "/v1/embed/text", "/healthz", "/metrics"} <= set(paths)
+
+
+def test_image_urls_cannot_reach_private_addresses(
+    make_client: MakeClient, library: Library, worker_encoder: ClipEncoder
+) -> None:
+    """The search host fetches a user's URL with the worker's SSRF rules: loopback is refused."""
+    encoder = LocalQueryEncoder(worker_encoder, worker_encoder.model_version, FetchPolicy())
+    url = library.storage.create_signed_url(
+        f"{library.alice.user_id}/{library.alice.video_id}/thumbnails/scene_0.jpg"
+    )
+    reply = make_client(encoder=encoder).post("/v1/search/image", json={"url": url})
+    assert "non-public address" in error(reply, 400, "invalid_request")
