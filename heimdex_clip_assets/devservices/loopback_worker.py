@@ -4,7 +4,8 @@ For benches and tests of everything on the caller's side of RunPod (packing, job
 validation, writes): it verifies each job's signature with the contract's :class:`Verifier`, optionally
 downloads every signed URL (as the worker does), waits ``latency_s`` per job (queue, network and GPU time
 of a real endpoint), and answers with deterministic unit vectors (seeded by each URL's path, so the same
-thumbnail always gets the same vector). ``GET /stats`` says how many jobs and images it served and how
+thumbnail always gets the same vector; an expired or refused URL fails its slot with
+``image_download_failed``, as on the worker). ``GET /stats`` says how many jobs and images it served and how
 many jobs overlapped at most; the last jobs' request ids show which scenes travelled together.
 
     python -m heimdex_clip_assets.devservices.loopback_worker --port 8800 --latency-ms 200
@@ -107,8 +108,9 @@ def create_app(config: LoopbackConfig) -> Starlette:
             if verifier is not None:
                 verifier.verify(request.message, request.ts, request.sig)
             urls = [item.image_url for item in request.items]
-            errors = await fetch_all(urls) if config.fetch else [None] * len(urls)
+            # The wait comes first, as on RunPod: a job queues, then its worker downloads the images.
             await asyncio.sleep(config.latency_s)
+            errors = await fetch_all(urls) if config.fetch else [None] * len(urls)
         except ClipError as err:
             return {"status": "FAILED", "error": encode_job_error(err)["error"]}
         finally:

@@ -6,11 +6,12 @@ The asset (a run of one or many video partitions), ``heimdex-clip backfill``, th
 * answers what it can from the embedding cache (the same thumbnail content, embedded before by the same
   model version, is never sent again);
 * packs the rest, across videos, into jobs of ``batch_size`` images;
-* keeps ``max_in_flight`` jobs running at once (the reader waits for a free slot, so memory holds at
-  most that many jobs, whatever the library's size);
+* keeps ``max_in_flight`` jobs running at once (the reader waits for a free slot);
 * has each job's URLs signed by the backend right before it is sent (the RunPod client re-signs before
   each of its retries: the engine itself never retries);
-* writes each job's vectors as it comes back, in one transaction for the whole job.
+* writes each job's vectors as it comes back, in one transaction for the whole job, on writer threads of
+  their own, so a slow write never holds a slot the endpoint could use; the queue between the two is
+  bounded, so memory holds a few jobs whatever the library's size.
 
 No Dagster, no printing: callers turn the :class:`EngineReport` into logs, metadata or a table.
 """
@@ -18,6 +19,7 @@ No Dagster, no printing: callers turn the :class:`EngineReport` into logs, metad
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter
@@ -39,6 +41,9 @@ from heimdex_clip_contract.errors import ClipError, ConfigError
 log = logging.getLogger(__name__)
 
 MAX_FAILURES_KEPT = 50  # examples in the report; counts are always complete
+# Connections writing vectors at once: with an HNSW index every insert walks the graph (~2-3 ms of the
+# database's CPU per vector), so writes, not the endpoint, can be the limit; several use several cores.
+WRITE_THREADS = 4
 
 
 @dataclass
@@ -82,6 +87,7 @@ class EmbeddingEngine:
         *,
         batch_size: int,
         max_in_flight: int,
+        write_threads: int = WRITE_THREADS,
         use_cache: bool = True,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
         on_progress: Callable[[int], None] | None = None,
@@ -95,8 +101,10 @@ class EmbeddingEngine:
         self.use_cache = use_cache
         self.log = logger or log
         self.on_progress = on_progress
+        self.write_threads = write_threads
         self._lock = threading.Lock()
         self._in_flight = 0
+        self._peak = 0
 
     def run(self, pages: Iterable[Sequence[SceneToEmbed]]) -> EngineReport:
         """Embed every scene of ``pages`` (pages of a keyset scan, any videos mixed)."""
@@ -108,25 +116,51 @@ class EmbeddingEngine:
         )
         started = time.perf_counter()
         slots = threading.Semaphore(self.max_in_flight)
+        # Finished jobs wait here for a writer; bounded, so slow writes slow the sending down instead of
+        # holding vectors without limit.
+        written: queue.Queue[_Finished | None] = queue.Queue(maxsize=self.max_in_flight * 2)
         self._error: BaseException | None = None
-        with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="clip-job") as pool:
-            for job in self._jobs(pages, report):
-                slots.acquire()  # the reader waits for a free slot: memory holds max_in_flight jobs
-                if self._error is not None:
-                    break
-                pool.submit(self._guarded_job, job, report, slots)
+        writers = [
+            threading.Thread(target=self._writer, args=(written, report), name=f"clip-write-{i}", daemon=True)
+            for i in range(self.write_threads)
+        ]
+        for thread in writers:
+            thread.start()
+        try:
+            with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="clip-job") as pool:
+                for job in self._jobs(pages, report):
+                    slots.acquire()  # the reader waits for a free slot: memory holds a few jobs at most
+                    if self._error is not None:
+                        break
+                    pool.submit(self._guarded_job, job, written, slots)
+        finally:
+            for _ in writers:
+                written.put(None)
+            for thread in writers:
+                thread.join()
         if self._error is not None:
             raise self._error
         report.wall_s = time.perf_counter() - started
         return report
 
-    def _guarded_job(self, job: list[SceneToEmbed], report: EngineReport, slots: threading.Semaphore) -> None:
+    def _guarded_job(
+        self, job: list[SceneToEmbed], written: queue.Queue[_Finished | None], slots: threading.Semaphore
+    ) -> None:
         try:
-            self._run_job(job, report)
-        except BaseException as exc:  # systemic or database errors stop the run; the first one is raised
+            written.put(self._send(job))
+        except BaseException as exc:  # systemic errors stop the run; the first one is raised
             self._error = self._error or exc
         finally:
             slots.release()
+
+    def _writer(self, written: queue.Queue[_Finished | None], report: EngineReport) -> None:
+        while (finished := written.get()) is not None:
+            if self._error is not None:
+                continue  # drain, so no job thread waits on a full queue
+            try:
+                self._write(finished, report)
+            except BaseException as exc:  # a database error stops the run
+                self._error = self._error or exc
 
     # ---------------------------------------------------------------------------------- packing
     def _jobs(
@@ -169,10 +203,10 @@ class EmbeddingEngine:
         return todo
 
     # ------------------------------------------------------------------------------------ one job
-    def _run_job(self, job: list[SceneToEmbed], report: EngineReport) -> None:
+    def _send(self, job: list[SceneToEmbed]) -> _Finished:
         with self._lock:
             self._in_flight += 1
-            report.peak_in_flight = max(report.peak_in_flight, self._in_flight)
+            self._peak = max(self._peak, self._in_flight)
         started = time.perf_counter()
         try:
             results = self.backend.embed([SceneImage(key=s.id, storage_path=s.thumbnail_path) for s in job])
@@ -183,14 +217,17 @@ class EmbeddingEngine:
         finally:
             with self._lock:
                 self._in_flight -= 1
-        seconds = time.perf_counter() - started
+        return _Finished(job, results, time.perf_counter() - started)
+
+    def _write(self, finished: _Finished, report: EngineReport) -> None:
+        """One job's vectors in one transaction, as soon as a writer is free."""
+        job, results = finished.job, finished.results
         now = time.time()
         rows = [
             SceneEmbedding(scene.id, result.vector, {**result.metadata, "embedded_at": now})
             for scene, result in zip(job, results, strict=True)
             if isinstance(result, EmbeddingResult)
         ]
-        # Written before the next job of this thread is sent: results are never held back.
         self.store.write_scene_embeddings(rows)
         failed = [(s, r) for s, r in zip(job, results, strict=True) if isinstance(r, ClipError)]
         for scene, err in failed:
@@ -198,19 +235,29 @@ class EmbeddingEngine:
         videos = len({s.video_id for s in job})
         self.log.info(
             f"{self.backend.name} job: {len(rows)}/{len(job)} scenes of {videos} video(s) embedded in "
-            f"{seconds * 1000:.0f} ms"
+            f"{finished.seconds * 1000:.0f} ms"
         )
         with self._lock:
             report.jobs += 1
             report.embedded += len(rows)
             report.failed += len(failed)
-            report.job_seconds.append(seconds)
+            report.peak_in_flight = self._peak
+            report.job_seconds.append(finished.seconds)
             for scene, err in failed:
                 report.failed_by_video[scene.video_id] += 1
                 if len(report.failures) < MAX_FAILURES_KEPT:
                     report.failures.append((scene.video_id, scene.index, err))
         if self.on_progress:
             self.on_progress(len(job))
+
+
+@dataclass(frozen=True)
+class _Finished:
+    """A job back from the backend, waiting for a writer."""
+
+    job: list[SceneToEmbed]
+    results: list[EmbeddingResult | ClipError]
+    seconds: float
 
 
 def engine_for(

@@ -1,0 +1,270 @@
+"""Faults on the RunPod path (issue 9.3, 9.4, 9.6), injected at the HTTP and database boundaries.
+
+Real parts throughout: embedded Postgres and storage, the RunPod client and backend, the embedding engine,
+and, where a worker is needed, the loopback worker (the worker's contract, with a queue delay, fetching
+every signed URL) or a raw socket server that misbehaves on purpose.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from heimdex_clip_assets.adapters.clip_backends import RunPodBackend
+from heimdex_clip_assets.adapters.db import SceneRecord, VectorStore, VideoRecord
+from heimdex_clip_assets.adapters.runpod_client import RunPodClient
+from heimdex_clip_assets.adapters.storage import Storage
+from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig, serve_in_thread
+from heimdex_clip_assets.pipeline.embed import EmbeddingEngine
+from heimdex_clip_contract.codec import encode_embedding
+from heimdex_clip_contract.errors import NetworkError, RequestTimeoutError
+from heimdex_clip_contract.schema import ImageItem
+
+SECRET = "faults-secret"
+MODEL = LoopbackConfig()
+
+
+def _jpeg(seed: int) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _video(store: VectorStore, storage: Storage, scenes: int) -> str:
+    video_id = str(uuid.uuid4())
+    store.upsert_video(
+        VideoRecord(id=video_id, storage_path=f"videos/{video_id}/v.mp4", status="scenes_ready")
+    )
+    records = []
+    for i in range(scenes):
+        path = f"thumbnails/{video_id}/{i}.jpg"
+        storage.upload(path, _jpeg(i), content_type="image/jpeg")
+        records.append(SceneRecord(i, i, i + 1, i + 0.5, path, f"{video_id}-{i}"))
+    store.replace_scenes(video_id, records)
+    return video_id
+
+
+def _client(url: str, **kwargs: Any) -> RunPodClient:
+    options = {"model_name": MODEL.model, "dim": MODEL.dim, "model_version": MODEL.model_version} | kwargs
+    return RunPodClient(url, api_key=None, hmac_secret=SECRET, backoff_base_s=0.01, **options)
+
+
+def _embed(store: VectorStore, backend: RunPodBackend, **engine: int) -> Any:
+    return EmbeddingEngine(store, backend, use_cache=False, **engine).run(
+        store.iter_scenes_to_embed(MODEL.model_version)
+    )
+
+
+# ----------------------------------------------------------------------------- 9.3: URLs that expire
+def test_each_job_is_signed_right_before_it_is_sent(store: VectorStore, storage: Storage) -> None:
+    """2 s URLs, jobs of one image queued 0.4 s each, one at a time: 12 jobs take ~5 s. URLs signed
+    once up front (as before) expire for every job after the fifth; signed per job, none does."""
+    video_id = _video(store, storage, 12)
+    config = LoopbackConfig(latency_s=0.4, secret=SECRET, fetch=True)
+    with serve_in_thread(config) as url:
+        backend = RunPodBackend(_client(url, max_retries=0), storage, pretrained="x", expires_in=2)
+        report = _embed(store, backend, batch_size=1, max_in_flight=1)
+    assert (report.embedded, report.failed) == (12, 0), report.failure_summary()
+    assert all(s.embedding is not None for s in store.scenes(video_id))
+
+
+class _DelayFirstJob:
+    """A proxy in front of the worker that holds the first job past its URLs' expiry (a long queue)."""
+
+    def __init__(self, upstream: str, delay_s: float) -> None:
+        import httpx
+
+        first = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if not first.is_set():
+                    first.set()
+                    time.sleep(delay_s)
+                reply = httpx.post(upstream + self.path, content=body, timeout=30)
+                self.send_response(reply.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(reply.content)))
+                self.end_headers()
+                self.wfile.write(reply.content)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_expired_url_is_retried_with_a_fresh_one(store: VectorStore, storage: Storage) -> None:
+    video_id = _video(store, storage, 4)
+    with serve_in_thread(LoopbackConfig(latency_s=0.0, secret=SECRET, fetch=True)) as url:
+        proxy = _DelayFirstJob(url, delay_s=2.5)
+        backend = RunPodBackend(_client(proxy.url, max_retries=1), storage, pretrained="x", expires_in=2)
+        report = _embed(store, backend, batch_size=4, max_in_flight=1)
+        proxy.server.shutdown()
+    # The first attempt's URLs expired in the queue (image_download_failed in every slot); the client
+    # sent exactly those images again with fresh URLs.
+    assert (report.embedded, report.failed, report.jobs) == (4, 0, 1), report.failure_summary()
+    assert all(s.embedding is not None for s in store.scenes(video_id))
+
+
+# ------------------------------------------------------------------------- 9.4: bad vectors from a worker
+class _Worker:
+    """Answers /runsync with what ``answer(request_ids)`` returns as the job's results list."""
+
+    def __init__(self, answer: Callable[[list[str]], list[dict[str, Any]]]) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                job = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
+                ids = [img["request_id"] for img in job["images"]]
+                output = {"dim": MODEL.dim, "model": MODEL.model, "model_version": MODEL.model_version}
+                body = json.dumps(
+                    {"id": "j", "status": "COMPLETED", "output": output | {"results": answer(ids)}}
+                )
+                data = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def _unit(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(MODEL.dim)
+    return v / np.linalg.norm(v)
+
+
+def test_bad_vectors_fail_only_their_scene(store: VectorStore, storage: Storage) -> None:
+    video_id = _video(store, storage, 8)
+    scene_of = {s.id: s.index for s in store.scenes(video_id)}
+
+    def answer(ids: list[str]) -> list[dict[str, Any]]:
+        bad: dict[int, Any] = {
+            0: [0.0] * MODEL.dim,  # all zero
+            1: [1e30] * MODEL.dim,  # huge, finite
+            2: [True] * MODEL.dim,  # not numbers
+            3: [1e39] + [0.0] * (MODEL.dim - 1),  # a float64 that overflows float32
+        }
+        results = [
+            {
+                "request_id": rid,
+                "embedding": bad.get(scene_of[rid], encode_embedding(_unit(scene_of[rid]), "json")),
+            }
+            for rid in ids
+        ]
+        # Another order than asked, and a result for a request id that was never sent.
+        return [
+            *reversed(results),
+            {"request_id": "never-sent", "embedding": encode_embedding(_unit(99), "json")},
+        ]
+
+    worker = _Worker(answer)
+    backend = RunPodBackend(_client(worker.url, max_retries=0), storage, pretrained="x", expires_in=60)
+    report = _embed(store, backend, batch_size=8, max_in_flight=1)
+    worker.server.shutdown()
+
+    assert (report.embedded, report.failed) == (4, 4)
+    stored = {s.index: s.embedding for s in store.scenes(video_id)}
+    for index in range(4):
+        assert stored[index] is None
+    for index in range(4, 8):  # matched by request_id, not by position
+        assert float(stored[index] @ _unit(index)) == pytest.approx(1.0, abs=1e-5)
+    reasons = {index: err.message for _, index, err in report.failures}
+    assert "norm 0" in reasons[0] and "norm 2.263e+31" in reasons[1]
+    assert "not numbers" in reasons[2] and "out-of-range" in reasons[3]
+    assert all(message.count(". ") == 0 for message in reasons.values())  # one sentence each
+
+
+# ------------------------------------------------------------------------ 9.6: RUNPOD_TIMEOUT_S is a deadline
+class _Socket:
+    """A TCP server that reads each request, then runs ``behave(conn)``."""
+
+    def __init__(self, behave: Callable[[socket.socket], None]) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.connections = 0
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.connections += 1
+                conn.recv(65536)
+                threading.Thread(target=behave, args=(conn,), daemon=True).start()
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _drip(conn: socket.socket) -> None:
+    """A 200 whose body comes one byte every 2 s: no single read ever times out."""
+    try:
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(500):
+            time.sleep(2)
+            conn.sendall(b" ")
+    except OSError:
+        pass
+
+
+def _hang_up(conn: socket.socket) -> None:
+    conn.close()
+
+
+@pytest.fixture
+def dripping() -> Iterator[_Socket]:
+    server = _Socket(_drip)
+    yield server
+    server.close()
+
+
+def test_timeout_is_a_deadline_for_the_whole_call(dripping: _Socket) -> None:
+    client = _client(dripping.url, timeout_s=3, max_retries=1)
+    started = time.monotonic()
+    with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 3s? ?.*RUNPOD_TIMEOUT_S covers"):
+        client.embed_batch([ImageItem("http://127.0.0.1/a.jpg", "0")])
+    assert time.monotonic() - started < 4.5
+    client.close()
+
+
+def test_a_dropped_connection_is_not_called_a_failure_to_connect() -> None:
+    server = _Socket(_hang_up)
+    client = _client(server.url, timeout_s=10, max_retries=1)
+    with pytest.raises(NetworkError) as info:
+        client.embed_batch([ImageItem("http://127.0.0.1/a.jpg", "0")])
+    assert "Failed to connect" not in info.value.message and "closed the connection" in info.value.message
+    assert server.connections == 2  # connected both times: the attempt and its one retry
+    server.close()
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(NetworkError, match=r"Failed to connect to 127\.0\.0\.1"):
+        _client(f"http://127.0.0.1:{port}", timeout_s=10, max_retries=0).embed_batch(
+            [ImageItem("http://127.0.0.1/a.jpg", "0")]
+        )
