@@ -104,23 +104,25 @@ def text_image_encoder(settings: Settings) -> ClipEncoder:
     return settings_encoder(settings)
 
 
-def search_service(settings: Settings) -> SearchService:
-    """Search with the text tower where the scenes were embedded: the RunPod worker (this process
-    never imports torch) or the in-process encoder, loaded now rather than on the first query."""
-    files = storage(settings)
-    encoder: QueryEncoder
+def query_encoder(settings: Settings) -> QueryEncoder:
+    """The text and image towers where the scenes were embedded: the RunPod worker (this process never
+    imports torch) or the in-process encoder, loaded now rather than on the first query."""
     if settings.clip_backend == "runpod":
-        encoder = RunPodQueryEncoder(RunPodClient.from_settings(settings), files)
-    elif settings.clip_backend == "local":
+        return RunPodQueryEncoder(RunPodClient.from_settings(settings), storage(settings))
+    if settings.clip_backend == "local":
         policy = FetchPolicy(max_bytes=settings.max_image_size_bytes)
-        encoder = LocalQueryEncoder(settings_encoder(settings), settings.clip_model_version, policy)
-    else:
-        raise ConfigError("Search needs CLIP: set CLIP_INFERENCE_BACKEND=local or runpod")
+        return LocalQueryEncoder(settings_encoder(settings), settings.clip_model_version, policy)
+    raise ConfigError("Search needs CLIP: set CLIP_INFERENCE_BACKEND=local or runpod")
+
+
+def search_service(settings: Settings) -> SearchService:
+    """The search server's service: the query encoder, pooled connections, caches."""
+    encoder = query_encoder(settings)
     vector_store(settings)  # migrated once, as for every command
     return SearchService(
         # Its own store with open connections: one per concurrent request (starlette's thread pool).
         VectorStore(resolve_database_url(settings), dim=settings.clip_dim, pool_size=16),
-        files,
+        storage(settings),
         encoder,
         cache_size=settings.search_cache_size,
         thumbnail_ttl_s=settings.signed_url_expires_s,

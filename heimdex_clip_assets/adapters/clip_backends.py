@@ -4,9 +4,8 @@ The local backend runs the worker's own :class:`~runpod_worker.encoder.ClipEncod
 produce the same vector for the same image and checkpoint; ``model_version`` says which model made a
 vector, and the vector store keeps versions apart.
 
-Text queries (``heimdex-clip search``) are always encoded in-process with the same encoder's text tower
-(``services.text_image_encoder``), whatever the backend: the worker only embeds images, and a query is
-one short string that a CPU encodes in milliseconds.
+Search queries go to the same place (``services.query_encoder``): the worker's text jobs with
+``runpod``, so a search host needs no model, and this encoder's text tower with ``local``.
 """
 
 from __future__ import annotations

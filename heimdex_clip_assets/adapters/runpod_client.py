@@ -202,24 +202,36 @@ class RunPodClient:
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """The text tower on the worker: ``(len(texts), dim)`` float32, one job for all of them.
 
-        Raises a :class:`ClipError` when the job fails (after retries for retryable failures) or
-        returns anything but one finite vector of the expected width per text.
+        Raises a :class:`ClipError` when the job fails for good, by the deadline, or returns anything
+        but one usable vector (finite, the expected width, unit norm) per text.
         """
-        output = self._run_job(
-            lambda ts: build_text_request(
-                texts, self._secret, model=self.model_name, encoding="base64", ts=ts
+
+        async def run() -> np.ndarray:
+            output = await self._with_retries(
+                lambda: self._job(
+                    lambda ts: build_text_request(
+                        texts, self._secret, model=self.model_name, encoding="base64", ts=ts
+                    )
+                )
             )
-        )
-        self._check_model(output)
-        embeddings = output.get("embeddings")
-        if not isinstance(embeddings, list) or len(embeddings) != len(texts):
-            got = len(embeddings) if isinstance(embeddings, list) else "no"
-            raise RemoteError(
-                f"RunPod worker returned {got} embeddings for {len(texts)} texts; does it predate text "
-                "jobs? Deploy the current runpod_worker image",
-                retryable=False,
-            )
-        return np.stack([self._embedding(output, {"embedding": e}, None).vector for e in embeddings])
+            self._check_model(output)
+            embeddings = output.get("embeddings")
+            if not isinstance(embeddings, list) or len(embeddings) != len(texts):
+                got = len(embeddings) if isinstance(embeddings, list) else "no"
+                raise RemoteError(
+                    f"RunPod worker returned {got} embeddings for {len(texts)} texts; does it predate "
+                    "text jobs? Deploy the current runpod_worker image",
+                    retryable=False,
+                )
+            vectors = []
+            for i, value in enumerate(embeddings):
+                result = self._embedding(output, {"embedding": value, "request_id": f"text {i}"})
+                if isinstance(result, ClipError):
+                    raise result
+                vectors.append(result.vector)
+            return np.stack(vectors)
+
+        return self._run(self._within_deadline(run()))
 
     def close(self) -> None:
         if self._loop.is_closed():

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from heimdex_clip_assets import services
-from heimdex_clip_contract.errors import ClipError, ConfigError, NotFoundError
+from heimdex_clip_assets.pipeline.search import check_image, check_query
+from heimdex_clip_contract.errors import ConfigError, NotFoundError
 
 from .common import (
     console,
@@ -21,17 +22,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     if bool(args.query) == bool(args.image):
         raise ConfigError('Give a text query or --image PATH, e.g. heimdex-clip search "a red car"')
     video_id = video_id_arg(args.video_id) if args.video_id else None
-    encoder = services.text_image_encoder(settings)
+    # The worker's text tower with the runpod backend (no torch here), the in-process one with local.
+    encoder = services.query_encoder(settings)
     if args.image:
         image = Path(args.image)
         if not image.is_file():
             raise NotFoundError(f"No such image: {image}; check the path")
-        result = encoder.encode_bytes([image.read_bytes()])[0]
-        if isinstance(result, ClipError):
-            raise result
-        vector = result
+        vector = encoder.encode_image(check_image(image.read_bytes()))
     else:
-        vector = encoder.encode_text([args.query])[0]
+        vector = encoder.encode_texts([check_query(args.query)])[0]
     hits = services.vector_store(settings).search(
         vector, k=args.limit, video_id=video_id, model_version=settings.clip_model_version
     )

@@ -99,6 +99,16 @@ def test_search_by_text_and_image(cli_env: dict[str, str], demo: subprocess.Comp
     assert re.search(rf"^ 1\.000 +1 +[\d.]+-[\d.]+s +{video_id}$", by_image.stdout, re.M), by_image.stdout
 
 
+def test_search_with_the_runpod_backend_uses_the_worker(
+    cli_env: dict[str, str], demo: subprocess.CompletedProcess[str], worker_url: str, worker_secret: str
+) -> None:
+    """A text query goes to the worker's text tower: the same scenes as in-process, no local model."""
+    runpod = {"RUNPOD_CLIP_ENDPOINT_URL": worker_url, "EMBEDDING_HMAC_SECRET": worker_secret}
+    local = cli(cli_env, "search", "a red square", "--limit", "2")
+    remote = cli(cli_env, "search", "a red square", "--limit", "2", "--backend", "runpod", **runpod)
+    assert remote.stdout.splitlines()[1:] == local.stdout.splitlines()[1:]
+
+
 def test_backfill_dry_run_then_forced(
     cli_env: dict[str, str], demo: subprocess.CompletedProcess[str]
 ) -> None:
