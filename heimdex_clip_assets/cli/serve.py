@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+from typing import Any
+
+from heimdex_clip_assets import services
 
 from .common import console, settings_from_args
 
@@ -37,8 +40,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "only. Set one of them to serve other machines."
         )
     # One worker: the app is built here, so a bad setting ends in one sentence before uvicorn starts.
-    # Several: each worker process builds its own from the environment (one model load each).
-    app = app_from_env() if args.workers == 1 else "heimdex_clip_assets.serve.app:app_from_env"
+    # Several: each worker process builds its own from the environment (one model load each), after
+    # this process has started (or found) the embedded services and migrated, so they do not race.
+    if args.workers == 1:
+        app: Any = app_from_env()
+    else:
+        services.vector_store(settings)
+        services.storage(settings)
+        app = "heimdex_clip_assets.serve.app:app_from_env"
     console.print(
         f"Search on http://{host}:{args.port}{args.root_path}/  (API docs at /docs; backend "
         f"{settings.clip_backend}; Ctrl-C stops it)"
