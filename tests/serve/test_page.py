@@ -125,6 +125,10 @@ def test_search_click_and_play(browser, server_url: str, library: Library, tmp_p
     # Nothing wider than the screen: no sideways scrolling at 400 px.
     assert narrow.evaluate("document.documentElement.scrollWidth") <= 400
     narrow.screenshot(path=str(shots / "search-400.png"), full_page=True)
+    narrow.locator(".card button").first.click()
+    narrow.wait_for_function("document.getElementById('video-el').readyState >= 1")
+    assert narrow.evaluate("document.documentElement.scrollWidth") <= 400
+    narrow.screenshot(path=str(shots / "player-400.png"))
 
 
 def test_second_user_never_sees_the_first(browser, server_url: str, library: Library) -> None:
