@@ -188,7 +188,8 @@ class RunPodClient:
                         model=self.model_name,
                         ts=ts,
                         version=1,
-                    )
+                    ),
+                    version_1=True,
                 )
             )
             self._check_model(output)
@@ -337,8 +338,10 @@ class RunPodClient:
         await asyncio.sleep(delay)
 
     def _next_ts(self) -> int:
-        # Strictly increasing, so a retry within the same second still gets a signature the worker has
-        # not seen; a ts a second or two ahead is well inside the worker's auth window.
+        # For the guide's version-1 signature only: it signs the URL and ts alone, so a retry within
+        # the same second needs a newer ts to get a signature the worker has not seen. Version 2 carries
+        # a fresh nonce instead and uses the clock as it is: a ts bumped per job would run ahead of the
+        # clock at more than one job a second and leave the worker's auth window.
         with self._ts_lock:
             self._last_ts = max(int(time.time()), self._last_ts + 1)
             return self._last_ts
@@ -352,11 +355,12 @@ class RunPodClient:
         )
         return self._batch_results(output, batch)
 
-    async def _job(self, build_input: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+    async def _job(
+        self, build_input: Callable[[int], dict[str, Any]], *, version_1: bool = False
+    ) -> dict[str, Any]:
         """Submit one job and wait for its output (polling if RunPod answers before it finished)."""
-        body = await self._request(
-            "POST", f"{self.url}/runsync", json={"input": build_input(self._next_ts())}
-        )
+        ts = self._next_ts() if version_1 else int(time.time())
+        body = await self._request("POST", f"{self.url}/runsync", json={"input": build_input(ts)})
         delay, cap = self._poll
         job_id: str | None = None
         try:

@@ -203,7 +203,7 @@ def test_transient_http_errors_are_retried_with_a_fresh_signature(status: int) -
     out = make_client(stub).embed_batch(ITEMS)
     assert all(isinstance(e, RemoteEmbedding) for e in out)
     first, second = stub.inputs()
-    assert second["auth"]["ts"] > first["auth"]["ts"]
+    assert second["auth"]["nonce"] != first["auth"]["nonce"]  # a fresh signature, not a replay
     # Both reach the worker's verifier: the retry must not look like a replay of the first attempt.
     stub.verify(first)
     stub.verify(second)
@@ -412,3 +412,14 @@ def test_real_worker_refuses_a_bad_secret_without_retries(worker_url: str, image
     with pytest.raises(AuthError, match="EMBEDDING_HMAC_SECRET") as info:
         client.embed_batch([ImageItem(url, "0")])
     assert transport.calls == 1 and "not-the-secret" not in str(info.value)
+
+
+def test_many_jobs_a_second_keep_the_clock_ts() -> None:
+    """Version-2 requests carry a nonce: their ts is the clock's, however many jobs go out a second
+    (a ts bumped per job ran ahead of the clock and out of the worker's auth window)."""
+    stub = CloudStub(*[completed()] * 200)
+    client = make_client(stub)
+    for _ in range(200):
+        client.embed_batch(ITEMS)
+    assert max(i["auth"]["ts"] for i in stub.inputs()) <= time.time() + 1
+    assert len({i["auth"]["nonce"] for i in stub.inputs()}) == 200

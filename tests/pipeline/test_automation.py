@@ -114,8 +114,10 @@ def test_schedule_requests_ranges_with_missing_and_stale_embeddings(
         keys[0],
         keys[-1],
     )
-    result = defs().resolve_job_def("embed_scenes").execute_in_process(
-        instance=instance, tags=request.tags, raise_on_error=False
+    result = (
+        defs()
+        .resolve_job_def("embed_scenes")
+        .execute_in_process(instance=instance, tags=request.tags, raise_on_error=False)
     )
     assert result.success
     assert sorted(

@@ -107,10 +107,14 @@ def test_a_range_run_embeds_every_video_of_the_range(
     keys = sorted(set(owner.values()))
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions("videos", keys)
-        result = defs().resolve_job_def("embed_scenes").execute_in_process(
-            instance=instance,
-            tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
-            raise_on_error=False,
+        result = (
+            defs()
+            .resolve_job_def("embed_scenes")
+            .execute_in_process(
+                instance=instance,
+                tags={ASSET_PARTITION_RANGE_START_TAG: keys[0], ASSET_PARTITION_RANGE_END_TAG: keys[-1]},
+                raise_on_error=False,
+            )
         )
     assert result.success
     assert (
