@@ -22,11 +22,13 @@ def new_videos_sensor(
 ) -> dg.SensorResult | dg.SkipReason:
     settings = Settings.from_env()
     store = db.get()
-    registered = register.scan_inbox(
+    scan = register.scan_inbox(
         settings.inbox_dir, store=store, storage=storage.get(), settle_s=settings.inbox_settle_s
     )
-    if registered:
-        context.log.info(f"Registered {len(registered)} video(s) from {settings.inbox_dir}")
+    if scan.registered:
+        context.log.info(f"Registered {len(scan.registered)} video(s) from {settings.inbox_dir}")
+    for name, reason in scan.rejected:
+        context.log.warning(f"Moved {name!r} to {settings.inbox_dir / 'rejected'}: {reason}")
 
     # The cursor is the (created_at, id) of the newest video already requested. Runs are keyed by video
     # id, so a tick that is replayed after a daemon restart requests nothing twice.

@@ -7,9 +7,10 @@ import logging
 import mimetypes
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from heimdex_clip_contract.errors import InvalidVideoError, NotFoundError
+from heimdex_clip_contract.errors import ClipError, InvalidVideoError, NotFoundError
 
 from ..adapters.db import VectorStore, VideoRecord
 from ..adapters.storage import Storage
@@ -24,7 +25,10 @@ VIDEO_ID_NAMESPACE = uuid.UUID("6f1c1a52-3c55-4f0e-9a57-1f3a4f6c8e21")
 
 
 def video_storage_path(video_id: str, filename: str) -> str:
-    return f"videos/{video_id}/{filename}"
+    """The key derives from the id alone (plus a known extension): a user's file name can hold anything
+    storage refuses (a backslash, ``%ff``, a newline, 230 characters); it is kept as metadata instead."""
+    suffix = Path(filename).suffix.lower()
+    return f"videos/{video_id}/video{suffix if suffix in VIDEO_EXTENSIONS else ''}"
 
 
 def file_sha256(path: Path) -> str:
@@ -64,16 +68,25 @@ def register_video(path: Path, *, store: VectorStore, storage: Storage) -> str:
     return video_id
 
 
-def scan_inbox(inbox: Path, *, store: VectorStore, storage: Storage, settle_s: float = 10.0) -> list[str]:
+@dataclass
+class InboxScan:
+    """One pass over the inbox: the ids registered, and each file moved aside with why."""
+
+    registered: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+
+def scan_inbox(inbox: Path, *, store: VectorStore, storage: Storage, settle_s: float = 10.0) -> InboxScan:
     """Register every video file dropped in ``inbox`` and move it to ``inbox/registered``.
 
-    Files that are not videos move to ``inbox/rejected`` with a ``.error.txt`` beside them, so one
-    bad file never blocks the inbox or gets retried on every tick. A file modified in the last
+    Every file that fails on its own (not a video, refused by storage, unreadable) moves to
+    ``inbox/rejected`` with a ``.error.txt`` giving the reason, and the other files go on in the same
+    pass: one bad file never blocks the inbox or gets retried on every tick. A file modified in the last
     ``settle_s`` seconds, or hidden (``.name``, as rsync and many uploaders write), may still be being
-    copied: it waits for a later tick rather than being registered truncated.
+    copied: it waits for a later pass rather than being registered truncated.
     """
     inbox.mkdir(parents=True, exist_ok=True)
-    ids = []
+    scan = InboxScan()
     now = time.time()
     for path in sorted(inbox.iterdir()):
         if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in VIDEO_EXTENSIONS:
@@ -81,12 +94,17 @@ def scan_inbox(inbox: Path, *, store: VectorStore, storage: Storage, settle_s: f
         if now - path.stat().st_mtime < settle_s:
             continue
         try:
-            ids.append(register_video(path, store=store, storage=storage))
+            scan.registered.append(register_video(path, store=store, storage=storage))
             dest = inbox / "registered"
-        except InvalidVideoError as exc:
+        except (ClipError, OSError) as exc:
+            if isinstance(exc, ClipError) and exc.code == "database_error":
+                raise  # the database, not this file: the whole pass waits for it
+            reason = exc.message if isinstance(exc, ClipError) else f"cannot read the file ({exc.strerror})"
+            scan.rejected.append((path.name, reason))
             dest = inbox / "rejected"
             dest.mkdir(exist_ok=True)
-            (dest / f"{path.name}.error.txt").write_text(exc.message + "\n")
+            # The reason beside the file; the name is cut so that it still fits a file system's 255 bytes.
+            (dest / f"{path.name[:200]}.error.txt").write_text(reason + "\n")
         dest.mkdir(exist_ok=True)
         path.replace(dest / path.name)
-    return ids
+    return scan

@@ -1,0 +1,117 @@
+"""Inbox faults (issue 9.2): one file that storage refuses, or that is not a video, must not block the
+others. Real sensor tick, real database and storage server, with storage's refusal injected at the HTTP
+boundary by a proxy in front of it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import pytest
+
+from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.defs.resources import ClipInferenceResource, StorageResource, VectorStoreResource
+from heimdex_clip_assets.defs.sensors import new_videos_sensor
+from heimdex_clip_assets.devservices.storage_server import EmbeddedStorage
+from heimdex_clip_assets.pipeline.register import VIDEO_ID_NAMESPACE, file_sha256
+
+RESOURCES = {"db": VectorStoreResource(), "storage": StorageResource(), "clip": ClipInferenceResource()}
+# Names a storage key cannot hold, as users' files do have them.
+AWKWARD = ["back\\slash.mp4", "%ff.mp4", "new\nline.mp4", "x" * 226 + ".mp4"]
+
+
+class RefusingProxy:
+    """Forwards every request to the storage server, except uploads under ``refuse`` (a key prefix),
+    which get Supabase's answer to an object over the size limit."""
+
+    def __init__(self, upstream: str, refuse: str) -> None:
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if (
+                    self.command in ("POST", "PUT")
+                    and refuse in self.path
+                    and "/object/sign/" not in self.path
+                ):
+                    data = json.dumps(
+                        {
+                            "statusCode": "413",
+                            "error": "Payload too large",
+                            "message": "The object exceeded the maximum allowed size",
+                        }
+                    ).encode()
+                    status = 400
+                else:
+                    headers = {
+                        k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")
+                    }
+                    reply = httpx.request(self.command, upstream + self.path, headers=headers, content=body)
+                    data, status = reply.content, reply.status_code
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def _drop(inbox: Path, source: Path, name: str) -> Path:
+    inbox.mkdir(parents=True, exist_ok=True)
+    target = inbox / name
+    shutil.copy(source, target)
+    os.utime(target, (time.time() - 60,) * 2)
+    return target
+
+
+def test_a_refused_file_moves_aside_and_the_rest_register_on_the_same_tick(
+    heimdex_env: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    storage_server: EmbeddedStorage,
+    make_video,
+    corrupt_video: Path,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    inbox = heimdex_env.inbox_dir
+    videos = [make_video(scenes=n, scene_seconds=0.5) for n in range(2, 8)]
+    for name, video in zip(AWKWARD, videos, strict=False):
+        _drop(inbox, video, name)
+    refused = _drop(inbox, videos[4], "refused.mp4")
+    _drop(inbox, videos[5], "plain.mp4")
+    _drop(inbox, corrupt_video, "broken.mp4")
+    refused_id = str(uuid.uuid5(VIDEO_ID_NAMESPACE, file_sha256(refused)))
+    proxy = RefusingProxy(storage_server.url, refuse=f"/videos/{refused_id}/")
+    monkeypatch.setenv("SUPABASE_URL", proxy.url)
+
+    with dg.instance_for_test() as instance:
+        result = new_videos_sensor(dg.build_sensor_context(instance=instance, resources=RESOURCES))
+    proxy.server.shutdown()
+
+    assert isinstance(result, dg.SensorResult)
+    assert len(result.run_requests) == 5  # the four awkward names and the plain one, on this tick
+    assert sorted(p.name for p in (inbox / "registered").iterdir()) == sorted([*AWKWARD, "plain.mp4"])
+    rejected = inbox / "rejected"
+    assert "exceeded the maximum allowed size" in (rejected / "refused.mp4.error.txt").read_text()
+    assert "not a video" in (rejected / "broken.mp4.error.txt").read_text()
+    assert (rejected / "refused.mp4").exists() and (rejected / "broken.mp4").exists()
+    # The tick's log (what the UI shows for the sensor) says which files went aside and why.
+    warnings = [line for line in capfd.readouterr().err.splitlines() if " - WARNING - " in line]
+    assert any("'refused.mp4'" in w and "exceeded" in w for w in warnings), warnings
+    assert any("'broken.mp4'" in w and "not a video" in w for w in warnings), warnings
