@@ -8,8 +8,11 @@ server errors and network trouble may pass, bad keys and missing objects will no
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol, TypeVar
+from urllib.parse import quote
 
 import httpx
 from storage3.exceptions import StorageApiError
@@ -22,10 +25,16 @@ T = TypeVar("T")
 
 class Storage(Protocol):
     def upload(
-        self, path: str, data: bytes, content_type: str = "image/jpeg", upsert: bool = True
-    ) -> None: ...
+        self, path: str, data: bytes | Path, content_type: str = "image/jpeg", upsert: bool = True
+    ) -> None:
+        """``data`` as bytes, or a local file streamed from disk (videos)."""
+        ...
 
     def download(self, path: str) -> bytes: ...
+
+    def download_to(self, path: str, dest: Path) -> None:
+        """Stream an object into a local file: memory stays flat whatever the object's size."""
+        ...
 
     def create_signed_url(self, path: str, expires_in: int = 300) -> str:
         """An absolute URL anyone can GET without credentials until it expires."""
@@ -46,6 +55,7 @@ class SupabaseStorage:
     def __init__(self, url: str, service_key: str, bucket: str) -> None:
         self.url = url
         self.bucket = bucket
+        self._key = service_key
         self._storage = create_client(url, service_key).storage
         self._files = self._storage.from_(bucket)
         self._ensure_bucket()
@@ -88,13 +98,33 @@ class SupabaseStorage:
                 if "Duplicate" not in exc.message:  # another process created it meanwhile
                     raise
 
-    def upload(self, path: str, data: bytes, content_type: str = "image/jpeg", upsert: bool = True) -> None:
-        # content-type is explicit: storage3 would label every object text/plain.
+    def upload(
+        self, path: str, data: bytes | Path, content_type: str = "image/jpeg", upsert: bool = True
+    ) -> None:
+        # content-type is explicit: storage3 would label every object text/plain. Given a path, storage3
+        # opens the file and httpx streams it in chunks.
         options = {"content-type": content_type, "upsert": "true" if upsert else "false"}
         self._call(f"upload {path}", lambda: self._files.upload(path, data, options))
 
     def download(self, path: str) -> bytes:
         return self._call(f"download {path}", lambda: self._files.download(path))
+
+    def download_to(self, path: str, dest: Path) -> None:
+        url = f"{self.url}/storage/v1/object/{self.bucket}/{quote(path)}"
+        headers = {"Authorization": f"Bearer {self._key}", "apikey": self._key}
+
+        def fetch() -> None:
+            with httpx.stream("GET", url, headers=headers, timeout=httpx.Timeout(30, read=300)) as reply:
+                if reply.status_code != 200:  # Supabase's error body, as storage3 reads it
+                    body = json.loads(reply.read() or b"{}")
+                    raise StorageApiError(
+                        str(body.get("message", "")), str(body.get("error", "")), body.get("statusCode", 500)
+                    )
+                with dest.open("wb") as fh:
+                    for chunk in reply.iter_bytes(1 << 20):
+                        fh.write(chunk)
+
+        self._call(f"download {path}", fetch)
 
     def create_signed_url(self, path: str, expires_in: int = 300) -> str:
         reply = self._call(f"sign {path}", lambda: self._files.create_signed_url(path, expires_in))

@@ -53,7 +53,7 @@ def extract_keyframes(
     with tempfile.TemporaryDirectory(prefix="heimdex-") as tmp:
         t0 = time.perf_counter()
         local = Path(tmp) / (video.filename or "video.mp4")
-        local.write_bytes(storage.download(video.storage_path))
+        storage.download_to(video.storage_path, local)  # streamed: memory stays flat for any size
         timings["download"] = time.perf_counter() - t0
         try:
             t0 = time.perf_counter()

@@ -52,7 +52,7 @@ def register_video(path: Path, *, store: VectorStore, storage: Storage) -> str:
         return video_id
     storage_path = video_storage_path(video_id, path.name)
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-    storage.upload(storage_path, path.read_bytes(), content_type=content_type, upsert=True)
+    storage.upload(storage_path, path, content_type=content_type, upsert=True)  # streamed from disk
     store.upsert_video(
         VideoRecord(
             id=video_id,

@@ -208,3 +208,14 @@ def test_worker_fetches_a_signed_url(storage: SupabaseStorage) -> None:
             return await fetch.fetch_image(client, url, policy)
 
     assert asyncio.run(download()) == JPEG
+
+
+def test_download_to_streams_into_a_file_and_maps_errors(storage: SupabaseStorage, tmp_path: Path) -> None:
+    payload = bytes(range(256)) * 20_000  # 5 MB, several chunks
+    source = tmp_path / "in.bin"
+    source.write_bytes(payload)
+    storage.upload("videos/v/video.mp4", source, content_type="video/mp4")  # streamed from the file
+    storage.download_to("videos/v/video.mp4", tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == payload
+    with pytest.raises(NotFoundError):
+        storage.download_to("videos/v/missing.mp4", tmp_path / "missing.bin")
