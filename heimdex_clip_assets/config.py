@@ -13,6 +13,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,21 @@ def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0
     if value != int(value):
         raise ConfigError(f"{name}={value!r} must be a whole number")
     return int(value)
+
+
+# postgres:// or postgresql:// (a +driver suffix allowed), or libpq's key=value form ("host=... dbname=...").
+_POSTGRES_URL = re.compile(r"postgres(ql)?(\+\w+)?://.*|(\s*\w+\s*=.*)", re.DOTALL)
+
+
+def _postgres_url(env: Mapping[str, str], name: str) -> str | None:
+    """A connection string, checked for its form only (the value may hold a password: never echoed)."""
+    value = _get(env, name)
+    if value is not None and not _POSTGRES_URL.fullmatch(value):
+        raise ConfigError(
+            f"{name} is not a Postgres connection URL; use postgresql://USER:PASSWORD@HOST:5432/DBNAME, "
+            "or unset it for the embedded database"
+        )
+    return value
 
 
 @functools.cache
@@ -181,7 +197,7 @@ class Settings:
         pretrained = _get(env, "CLIP_PRETRAINED") or "openai"
         settings = cls(
             home=home,
-            database_url=_get(env, "DATABASE_URL"),
+            database_url=_postgres_url(env, "DATABASE_URL"),
             supabase_url=supabase_url.rstrip("/") if supabase_url else None,
             supabase_key=supabase_key,
             bucket=_get(env, "SUPABASE_BUCKET") or "heimdex",

@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from types import FrameType
 
-from heimdex_clip_contract.errors import ClipError
+from heimdex_clip_contract.errors import ClipError, DatabaseError
 
 from .backfill import cmd_backfill
-from .common import err_console
+from .common import InterruptedRunError, err_console
 from .dev import cmd_dev, cmd_stop, cmd_storage_server, stop_started_services
 from .search import cmd_search
 from .serve import add_serve_parser
@@ -143,22 +145,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Where a lost Postgres surfaces outside our adapters: Dagster's instance storage, the drivers under it.
+_DATABASE_MODULES = ("dagster_postgres", "sqlalchemy", "psycopg2", "psycopg")
+_DATABASE_ERRORS = ("DagsterPostgresException", "OperationalError", "InterfaceError")
+
+
+def _lost_database(exc: BaseException) -> DatabaseError | None:
+    """The one sentence for an exception caused by Postgres going away, or None for any other."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        kind = type(cause)
+        if kind.__module__.split(".")[0] in _DATABASE_MODULES and kind.__name__ in _DATABASE_ERRORS:
+            return DatabaseError(
+                "Lost the connection to Postgres (DATABASE_URL / DAGSTER_PG_URL, or the embedded one under "
+                "HEIMDEX_HOME): start it again and rerun the command; a run it cut short is marked failed "
+                "and its slot freed when the next command starts",
+                retryable=True,
+            )
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends the command as Ctrl-C does: cleanly, with a sentence
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not os.environ.get("HEIMDEX_DEBUG"):
+    debug = bool(os.environ.get("HEIMDEX_DEBUG"))
+    if not debug:
         # Libraries log their own view of a failure to the root logger (open_clip, huggingface_hub);
         # the command already ends with the one sentence that says what to do.
         logging.getLogger().setLevel(logging.CRITICAL)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except ClipError as exc:
-        if os.environ.get("HEIMDEX_DEBUG"):
+        if debug:
             raise
         err_console.print(f"[red]error:[/red] {exc.message}", highlight=False)
-        return 2
+        return 130 if isinstance(exc, InterruptedRunError) else 2
     except KeyboardInterrupt:
-        err_console.print("Interrupted.")
+        err_console.print(
+            "Interrupted by a signal (Ctrl-C or SIGTERM); what was already saved is kept, and running the "
+            "command again carries on from there."
+        )
         return 130
+    except Exception as exc:
+        lost = _lost_database(exc)
+        if lost is None or debug:
+            raise
+        err_console.print(f"[red]error:[/red] {lost.message}", highlight=False)
+        return 2
     finally:
         if hasattr(args, "keep_services") and args.func is not cmd_dev and not args.keep_services:
             stop_started_services()

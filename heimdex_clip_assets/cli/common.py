@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import uuid
 from pathlib import Path
@@ -77,6 +79,7 @@ def materialize_video(video_id: str, settings: Settings) -> None:
 
     from heimdex_clip_assets.definitions import defs
     from heimdex_clip_assets.defs.partitions import video_labels, videos_partitions
+    from heimdex_clip_assets.defs.run_health import reap_dead_runs
 
     store = services.vector_store(settings)
     video = store.get_video(video_id)
@@ -84,38 +87,70 @@ def materialize_video(video_id: str, settings: Settings) -> None:
         raise NotFoundError(f"Unknown video id {video_id}; add it first with `heimdex-clip add-video FILE`")
     os.environ.update(dagster_env(settings))
     instance = dg.DagsterInstance.get()
+    # Runs killed earlier (SIGKILL, a lost database) may still hold clip_inference slots this run needs.
+    reap_dead_runs(instance)
     instance.add_dynamic_partitions(videos_partitions.name, [video_id])
-    result = (
-        defs()
-        .resolve_job_def("ingest_video")
-        .execute_in_process(
-            partition_key=video_id,
-            instance=instance,
-            tags=video_labels(video),
-            raise_on_error=False,
-            run_config={
-                # The command's backend (a --backend flag included) for the assets and the checks alike.
-                "resources": {"clip": {"config": {"backend": settings.clip_backend}}},
-                # The command prints its own results and one-sentence errors; Dagster's console log would add
-                # every step event and, on failure, a traceback. The run's full log stays in the instance.
-                "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
-            },
-        )
+    # Dagster also writes straight to stderr when it cannot store an event (a lost database); the
+    # command ends with its own sentence instead. HEIMDEX_DEBUG=1 shows everything.
+    quiet = (
+        contextlib.nullcontext()
+        if os.environ.get("HEIMDEX_DEBUG")
+        else contextlib.redirect_stderr(io.StringIO())
     )
+    with quiet:
+        result = (
+            defs()
+            .resolve_job_def("ingest_video")
+            .execute_in_process(
+                partition_key=video_id,
+                instance=instance,
+                tags=video_labels(video),
+                raise_on_error=False,
+                run_config={
+                    # The command's backend (a --backend flag included) for the assets and the checks.
+                    "resources": {"clip": {"config": {"backend": settings.clip_backend}}},
+                    # The command prints its own results and one-sentence errors; Dagster's console log
+                    # would add every step event and, on failure, a traceback. The run's full log stays
+                    # in the instance.
+                    "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
+                },
+            )
+        )
     if not result.success:
-        raise ClipError(_run_failure_message(result))
+        raise _run_failure(result, video_id)
 
 
-def _run_failure_message(result: Any) -> str:
+class InterruptedRunError(ClipError):
+    """The command was stopped by a signal (Ctrl-C, SIGTERM) while its run was in a step."""
+
+    code = "interrupted"
+
+
+# What Dagster records for a step stopped by SIGINT, or by SIGTERM, which it maps to SIGINT while it runs.
+_INTERRUPTS = ("DagsterExecutionInterruptedError", "KeyboardInterrupt")
+
+
+def _run_failure(result: Any, video_id: str) -> ClipError:
     """The first failed step's description: the assets turn our errors into failures that say what to
-    do; anything else is a bug, whose details are in the run's logs."""
+    do; a signal says what it stopped; anything else is a bug, whose details are in the run's logs."""
     for event in result.all_events:
         if event.is_step_failure:
             data = event.step_failure_data
             if data.user_failure_data and data.user_failure_data.description:
-                return data.user_failure_data.description
-            return f"Step {event.step_key} failed unexpectedly: {data.error.message.strip()}"
-    return "The run failed; open the Dagster UI (`heimdex-clip dev`) for its logs"
+                return ClipError(data.user_failure_data.description)
+            error = data.error
+            if error is not None and error.cls_name in _INTERRUPTS:
+                return InterruptedRunError(
+                    f"Interrupted by a signal (Ctrl-C or SIGTERM) during {event.step_key}: the run is "
+                    "marked failed and its clip_inference slot is free again; run `heimdex-clip "
+                    f"process-video --video-id {video_id}` to finish (scenes already embedded are kept)"
+                )
+            detail = error.message.strip() if error is not None else ""
+            return ClipError(
+                f"Step {event.step_key} failed unexpectedly ({detail or 'no message'}); the run's log in the "
+                "Dagster UI (`heimdex-clip dev`) has the details"
+            )
+    return ClipError("The run failed; open the Dagster UI (`heimdex-clip dev`) for its logs")
 
 
 def print_scenes(settings: Settings, video_id: str) -> None:

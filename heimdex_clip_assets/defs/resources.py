@@ -16,11 +16,20 @@ from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.config import Settings
 
+from .run_health import reap_dead_runs, tag_run_worker
+
 
 class VectorStoreResource(dg.ConfigurableResource):
     """PostgreSQL + pgvector: ``DATABASE_URL``, or the embedded server under ``HEIMDEX_HOME``."""
 
     database_url: str | None = Field(default=None, description="Overrides DATABASE_URL for this run.")
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Every run needs the database, and sets it up before any step asks for a clip_inference slot:
+        # the place to record this run's process and free what dead runs hold (see run_health).
+        if context.run is not None and context.instance is not None:
+            tag_run_worker(context.instance, context.run.run_id)
+            reap_dead_runs(context.instance)
 
     def get(self) -> VectorStore:
         settings = Settings.from_env()
