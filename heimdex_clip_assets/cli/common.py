@@ -131,20 +131,24 @@ _INTERRUPTS = ("DagsterExecutionInterruptedError", "KeyboardInterrupt")
 
 
 def _run_failure(result: Any, video_id: str) -> ClipError:
-    """The first failed step's description: the assets turn our errors into failures that say what to
-    do; a signal says what it stopped; anything else is a bug, whose details are in the run's logs."""
+    """The first failed step's description: the assets turn our errors (and interruptions) into failures
+    that say what to do; anything else is a bug, whose details are in the run's logs."""
     for event in result.all_events:
         if event.is_step_failure:
             data = event.step_failure_data
-            if data.user_failure_data and data.user_failure_data.description:
-                return ClipError(data.user_failure_data.description)
             error = data.error
-            if error is not None and error.cls_name in _INTERRUPTS:
+            user = data.user_failure_data
+            code = user.metadata.get("code") if user else None
+            if (code is not None and code.value == "interrupted") or (
+                error and error.cls_name in _INTERRUPTS
+            ):
                 return InterruptedRunError(
                     f"Interrupted by a signal (Ctrl-C or SIGTERM) during {event.step_key}: the run is "
                     "marked failed and its clip_inference slot is free again; run `heimdex-clip "
                     f"process-video --video-id {video_id}` to finish (scenes already embedded are kept)"
                 )
+            if user and user.description:
+                return ClipError(user.description)
             detail = error.message.strip() if error is not None else ""
             return ClipError(
                 f"Step {event.step_key} failed unexpectedly ({detail or 'no message'}); the run's log in the "

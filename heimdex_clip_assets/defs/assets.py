@@ -43,6 +43,12 @@ class SceneDetectionConfig(dg.Config):
     thumbnail_max_side: int = SceneParams.thumbnail_max_side
 
 
+INTERRUPTED = (
+    "Interrupted (Ctrl-C, SIGTERM or a run termination): the run is marked failed and its clip_inference "
+    "slot is free again; run the video again to finish it (scenes already embedded are kept)"
+)
+
+
 @contextmanager
 def _failure_says_what_to_do() -> Iterator[None]:
     """Our errors' messages already say what to do: make that the step's failure description (what the
@@ -54,6 +60,14 @@ def _failure_says_what_to_do() -> Iterator[None]:
             description=exc.message,
             metadata={"code": exc.code, "retryable": exc.retryable},
             allow_retries=exc.retryable,
+        ) from exc
+    except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError) as exc:
+        # Dagster would retry an interrupted step under its retry policy: Ctrl-C, SIGTERM or a run
+        # termination would then start the step again. Someone asked it to stop, so it stops, saying so.
+        raise dg.Failure(
+            description=INTERRUPTED,
+            metadata={"code": "interrupted", "retryable": True},
+            allow_retries=False,
         ) from exc
 
 

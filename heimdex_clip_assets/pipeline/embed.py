@@ -24,7 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from heimdex_clip_assets.adapters.clip_backends import (
@@ -39,6 +39,7 @@ from heimdex_clip_assets.config import Settings
 from heimdex_clip_contract.errors import ClipError, ConfigError
 
 log = logging.getLogger(__name__)
+_WAIT_S = 0.5  # the main thread waits at most this long at a time, so it sees signals (see run)
 
 MAX_FAILURES_KEPT = 50  # examples in the report; counts are always complete
 # Connections writing vectors at once: with an HNSW index every insert walks the graph (~2-3 ms of the
@@ -126,13 +127,26 @@ class EmbeddingEngine:
         ]
         for thread in writers:
             thread.start()
+        pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="clip-job")
+        # Every wait here is timed: a signal the kernel hands to another thread only runs its handler
+        # (Ctrl-C, SIGTERM) once the main thread returns to Python, which an untimed wait never does.
+        pending: set[Future[None]] = set()
         try:
-            with ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="clip-job") as pool:
-                for job in self._jobs(pages, report):
-                    slots.acquire()  # the reader waits for a free slot: memory holds a few jobs at most
-                    if self._error is not None:
-                        break
-                    pool.submit(self._guarded_job, job, written, slots)
+            for job in self._jobs(pages, report):
+                # The reader waits for a free slot: memory holds a few jobs at most.
+                while not slots.acquire(timeout=_WAIT_S):
+                    pass
+                if self._error is not None:
+                    break
+                pending.add(pool.submit(self._guarded_job, job, written, slots))
+            while pending:
+                pending = wait(pending, timeout=_WAIT_S).not_done
+            pool.shutdown()
+        except BaseException:
+            # Ctrl-C or SIGTERM (or a failed read): stop now instead of waiting out the jobs in flight,
+            # which may sit in RUNPOD_TIMEOUT_S; what they still write is complete rows only.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         finally:
             for _ in writers:
                 written.put(None)
