@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -63,6 +64,8 @@ def env_number(env: Mapping[str, str], name: str, default: float, *, minimum: fl
         value = float(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if not math.isfinite(value):  # nan passes every comparison, inf makes timeouts endless
+        raise ConfigError(f"{name}={raw!r} must be a finite number")
     if value < minimum:
         raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
     return value

@@ -183,3 +183,13 @@ def test_version_2_can_be_required(worker_encoder: ClipEncoder) -> None:
     run = in_process_worker(worker_encoder, AUTH_MIN_SIGNATURE_VERSION="2")
     err = run(build_single_request("https://example.com/a.jpg", "s", version=1))["error"]
     assert err["code"] == "auth_failed" and "AUTH_MIN_SIGNATURE_VERSION" in err["message"]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_the_pipelines_numbers_are_finite_too(value: str) -> None:
+    from heimdex_clip_assets.config import Settings
+    from heimdex_clip_contract.errors import ConfigError
+
+    for name in ("RUNPOD_TIMEOUT_S", "HEIMDEX_INBOX_SETTLE_S", "SIGNED_URL_EXPIRES_S"):
+        with pytest.raises(ConfigError, match=name):
+            Settings.from_env({name: value})
