@@ -68,6 +68,22 @@ def register_video(path: Path, *, store: VectorStore, storage: Storage) -> str:
     return video_id
 
 
+def settled_inbox_files(inbox: Path, settle_s: float) -> list[Path]:
+    """The inbox's video files that are ready to register: a directory listing and a stat each, no
+    reading, so the sensor can ask every tick. A file modified in the last ``settle_s`` seconds, or
+    hidden (``.name``, as rsync and many uploaders write), may still be being copied: it waits."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    return [
+        path
+        for path in sorted(inbox.iterdir())
+        if path.is_file()
+        and not path.name.startswith(".")
+        and path.suffix.lower() in VIDEO_EXTENSIONS
+        and now - path.stat().st_mtime >= settle_s
+    ]
+
+
 @dataclass
 class InboxScan:
     """One pass over the inbox: the ids registered, and each file moved aside with why."""
@@ -81,18 +97,11 @@ def scan_inbox(inbox: Path, *, store: VectorStore, storage: Storage, settle_s: f
 
     Every file that fails on its own (not a video, refused by storage, unreadable) moves to
     ``inbox/rejected`` with a ``.error.txt`` giving the reason, and the other files go on in the same
-    pass: one bad file never blocks the inbox or gets retried on every tick. A file modified in the last
-    ``settle_s`` seconds, or hidden (``.name``, as rsync and many uploaders write), may still be being
-    copied: it waits for a later pass rather than being registered truncated.
+    pass: one bad file never blocks the inbox or gets retried on every tick. Files still being copied
+    wait (:func:`settled_inbox_files`).
     """
-    inbox.mkdir(parents=True, exist_ok=True)
     scan = InboxScan()
-    now = time.time()
-    for path in sorted(inbox.iterdir()):
-        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() not in VIDEO_EXTENSIONS:
-            continue
-        if now - path.stat().st_mtime < settle_s:
-            continue
+    for path in settled_inbox_files(inbox, settle_s):
         try:
             scan.registered.append(register_video(path, store=store, storage=storage))
             dest = inbox / "registered"

@@ -1,10 +1,11 @@
 """Inbox faults (issue 9.2): one file that storage refuses, or that is not a video, must not block the
-others. Real sensor tick, real database and storage server, with storage's refusal injected at the HTTP
-boundary by a proxy in front of it."""
+others. Real sensor ticks and registration run, real database and storage server, with storage's refusal
+injected at the HTTP boundary by a proxy in front of it."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import threading
@@ -18,8 +19,9 @@ import httpx
 import pytest
 
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.definitions import defs
 from heimdex_clip_assets.defs.resources import ClipInferenceResource, StorageResource, VectorStoreResource
-from heimdex_clip_assets.defs.sensors import new_videos_sensor
+from heimdex_clip_assets.defs.sensors import inbox_sensor, new_videos_sensor
 from heimdex_clip_assets.devservices.storage_server import EmbeddedStorage
 from heimdex_clip_assets.pipeline.register import VIDEO_ID_NAMESPACE, file_sha256
 
@@ -81,13 +83,12 @@ def _drop(inbox: Path, source: Path, name: str) -> Path:
     return target
 
 
-def test_a_refused_file_moves_aside_and_the_rest_register_on_the_same_tick(
+def test_a_refused_file_moves_aside_and_the_rest_register_in_the_same_run(
     heimdex_env: Settings,
     monkeypatch: pytest.MonkeyPatch,
     storage_server: EmbeddedStorage,
     make_video,
     corrupt_video: Path,
-    capfd: pytest.CaptureFixture[str],
 ) -> None:
     inbox = heimdex_env.inbox_dir
     videos = [make_video(scenes=n, scene_seconds=0.5) for n in range(2, 8)]
@@ -101,17 +102,24 @@ def test_a_refused_file_moves_aside_and_the_rest_register_on_the_same_tick(
     monkeypatch.setenv("SUPABASE_URL", proxy.url)
 
     with dg.instance_for_test() as instance:
+        assert isinstance(inbox_sensor(dg.build_sensor_context(instance=instance)), dg.RunRequest)
+        run = (
+            defs()
+            .resolve_job_def("register_inbox")
+            .execute_in_process(instance=instance, raise_on_error=False)
+        )
+        proxy.server.shutdown()
+        assert run.success
+        # The run's log (what the UI shows) says which files went aside and why.
+        warnings = [r.user_message for r in instance.all_logs(run.run_id) if r.level == logging.WARNING]
         result = new_videos_sensor(dg.build_sensor_context(instance=instance, resources=RESOURCES))
-    proxy.server.shutdown()
 
     assert isinstance(result, dg.SensorResult)
-    assert len(result.run_requests) == 5  # the four awkward names and the plain one, on this tick
+    assert len(result.run_requests) == 5  # the four awkward names and the plain one, from one run
     assert sorted(p.name for p in (inbox / "registered").iterdir()) == sorted([*AWKWARD, "plain.mp4"])
     rejected = inbox / "rejected"
     assert "exceeded the maximum allowed size" in (rejected / "refused.mp4.error.txt").read_text()
     assert "not a video" in (rejected / "broken.mp4.error.txt").read_text()
     assert (rejected / "refused.mp4").exists() and (rejected / "broken.mp4").exists()
-    # The tick's log (what the UI shows for the sensor) says which files went aside and why.
-    warnings = [line for line in capfd.readouterr().err.splitlines() if " - WARNING - " in line]
     assert any("'refused.mp4'" in w and "exceeded" in w for w in warnings), warnings
     assert any("'broken.mp4'" in w and "not a video" in w for w in warnings), warnings

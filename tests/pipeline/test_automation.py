@@ -1,6 +1,7 @@
 """Sensor ticks and schedule selection against a real Dagster instance; asset checks failing on bad data."""
 
 import datetime as dt
+import logging
 import os
 import shutil
 import time
@@ -19,20 +20,30 @@ from heimdex_clip_assets.definitions import defs
 from heimdex_clip_assets.defs import schedules
 from heimdex_clip_assets.defs.resources import ClipInferenceResource, StorageResource, VectorStoreResource
 from heimdex_clip_assets.defs.schedules import embedding_backfill_schedule
-from heimdex_clip_assets.defs.sensors import new_videos_sensor
+from heimdex_clip_assets.defs.sensors import inbox_sensor, new_videos_sensor
 from heimdex_clip_assets.domain import checks
 
 RESOURCES = {"db": VectorStoreResource(), "storage": StorageResource(), "clip": ClipInferenceResource()}
 
 
 def _tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult | dg.SkipReason:
-    """One sensor evaluation, then what the daemon does with it: add the partitions."""
+    """One evaluation of the new-videos sensor, then what the daemon does with it: add the partitions."""
     context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=RESOURCES)
     result = new_videos_sensor(context)
     if isinstance(result, dg.SensorResult):
         for request in result.dynamic_partitions_requests or []:
             instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
     return result
+
+
+def _inbox_tick(instance: dg.DagsterInstance) -> dg.RunRequest | dg.SkipReason:
+    return inbox_sensor(dg.build_sensor_context(instance=instance))
+
+
+def _register_inbox(instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
+    return (
+        defs().resolve_job_def("register_inbox").execute_in_process(instance=instance, raise_on_error=False)
+    )
 
 
 def _drop(settings: Settings, source: Path, name: str, *, age_s: float = 60) -> Path:
@@ -44,11 +55,19 @@ def _drop(settings: Settings, source: Path, name: str, *, age_s: float = 60) -> 
     return settings.inbox_dir
 
 
-def test_sensor_registers_inbox_videos_once(
+def test_sensor_asks_a_run_to_register_inbox_videos_then_ingests_them_once(
     local_env: Settings, instance: dg.DagsterInstance, sample_video: Path
 ) -> None:
     inbox = _drop(local_env, sample_video, "clip.mp4")
     (inbox / "notes.txt").write_text("not a video, ignored")
+
+    # The tick only notices the file: registering it (hash, probe, upload) is a run's work.
+    assert isinstance(_inbox_tick(instance), dg.RunRequest)
+    assert isinstance(_tick(instance, None), dg.SkipReason)
+    assert (inbox / "clip.mp4").exists()
+    assert _register_inbox(instance).success
+    assert isinstance(_inbox_tick(instance), dg.SkipReason)
+    assert (inbox / "registered" / "clip.mp4").exists() and (inbox / "notes.txt").exists()
 
     first = _tick(instance, None)
     assert isinstance(first, dg.SensorResult)
@@ -56,23 +75,28 @@ def test_sensor_registers_inbox_videos_once(
     video_id = request.partition_key
     assert request.run_key == video_id
     assert instance.get_dynamic_partitions("videos") == [video_id]
-    assert (inbox / "registered" / "clip.mp4").exists() and (inbox / "notes.txt").exists()
 
     # Same cursor again (a daemon restart replaying the tick): same run key, nothing new.
     replay = _tick(instance, None)
     assert [r.run_key for r in replay.run_requests] == [video_id]
-    # The next tick, and the same video dropped again: no new run.
+    # The next tick, and the same video dropped again and registered: no new ingest run.
     _drop(local_env, sample_video, "again.mp4")
+    assert isinstance(_inbox_tick(instance), dg.RunRequest)
+    assert _register_inbox(instance).success
     assert isinstance(_tick(instance, first.cursor), dg.SkipReason)
     assert instance.get_dynamic_partitions("videos") == [video_id]
 
 
-def test_sensor_moves_a_bad_file_aside(
+def test_registration_run_moves_a_bad_file_aside_with_a_warning(
     local_env: Settings, instance: dg.DagsterInstance, corrupt_video: Path
 ) -> None:
     inbox = _drop(local_env, corrupt_video, "broken.mp4")
-    assert isinstance(_tick(instance, None), dg.SkipReason)
+    result = _register_inbox(instance)
+    assert result.success
     assert "not a video" in (inbox / "rejected" / "broken.mp4.error.txt").read_text()
+    warnings = [r.user_message for r in instance.all_logs(result.run_id) if r.level == logging.WARNING]
+    assert any("broken.mp4" in m and "not a video" in m for m in warnings), warnings
+    assert isinstance(_inbox_tick(instance), dg.SkipReason)  # nothing left to notice
 
 
 def test_sensor_waits_for_files_still_being_copied(
@@ -80,7 +104,7 @@ def test_sensor_waits_for_files_still_being_copied(
 ) -> None:
     inbox = _drop(local_env, sample_video, "fresh.mp4", age_s=0)
     _drop(local_env, sample_video, ".partial.mp4")
-    assert isinstance(_tick(instance, None), dg.SkipReason)
+    assert isinstance(_inbox_tick(instance), dg.SkipReason)
     assert (inbox / "fresh.mp4").exists() and (inbox / ".partial.mp4").exists()
 
 
