@@ -71,9 +71,11 @@ def run(dsn: str, rows: int, queries: int, ef_values: list[int]) -> None:
         register_vector(conn)
         conn.execute("SET maintenance_work_mem = '1GB'")  # the whole graph fits: no slow on-disk phase
         conn.execute("SET max_parallel_maintenance_workers = 1")  # leader + 1 worker = the 2 cores
-        with conn.cursor().copy("COPY videos (id, storage_path) FROM STDIN") as copy:
+        owner = uuid.uuid4()
+        conn.execute("INSERT INTO auth.users (id) VALUES (%s)", (owner,))
+        with conn.cursor().copy("COPY videos (id, owner_id, storage_path) FROM STDIN") as copy:
             for vid in videos:
-                copy.write_row((vid, f"videos/{vid}.mp4"))
+                copy.write_row((vid, owner, f"{owner}/{vid}/source.mp4"))
         # Loading into an HNSW-indexed table is ~100x slower than loading first, so a bulk load drops
         # the index and rebuilds it, exactly as the migration defines it.
         index_def = conn.execute(
@@ -82,13 +84,14 @@ def run(dsn: str, rows: int, queries: int, ef_values: list[int]) -> None:
         conn.execute("DROP INDEX video_scenes_embedding_visual_clip_hnsw_idx")
         t0 = time.perf_counter()
         with conn.cursor().copy(
-            'COPY video_scenes (video_id, "index", start_s, end_s, keyframe_s, thumbnail_path,'
-            " thumbnail_sha256, embedding_visual_clip) FROM STDIN WITH (FORMAT BINARY)"
+            'COPY video_scenes (video_id, "index", start_s, end_s, thumbnail_url, embedding_visual_clip)'
+            " FROM STDIN WITH (FORMAT BINARY)"
         ) as copy:
-            copy.set_types(["uuid", "int4", "float8", "float8", "float8", "text", "text", "vector"])
+            copy.set_types(["uuid", "int4", "float8", "float8", "text", "vector"])
             for i, vec in enumerate(data):
                 vid, idx = videos[i // SCENES_PER_VIDEO], i % SCENES_PER_VIDEO
-                copy.write_row((vid, idx, idx, idx + 1.0, idx + 0.5, f"t/{vid}/{idx}.jpg", f"{i:064x}", vec))
+                url = f"http://x/storage/v1/object/public/videos/{owner}/{vid}/thumbnails/scene_{idx}.jpg"
+                copy.write_row((vid, idx, idx, idx + 1.0, url, vec))
         conn.commit()
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -95,7 +95,7 @@ def main() -> None:
 
         stages: dict[str, float] = {}
         video_id, stages["register (sha256 + upload video)"] = timed(
-            lambda: register.register_video(video, store=store, storage=storage)
+            lambda: register.register_video(video, store=store, storage=storage, owner_id=settings.owner_id)
         )
         report, keyframes_wall = timed(
             lambda: keyframes.extract_keyframes(video_id, store=store, storage=storage)
@@ -112,7 +112,7 @@ def main() -> None:
 
         sizes = batches(n, args.batch)
         _, warm_s = timed(lambda: warm(encoder, sizes))
-        blobs = [storage.download(s.thumbnail_path) for s in report.scenes]
+        blobs = [storage.download(storage.object_path(str(s.thumbnail_url))) for s in report.scenes]
         raw_before, decode_ms = raw_rate(encoder, blobs, args.batch)
 
         writes: list[float] = []

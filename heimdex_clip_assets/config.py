@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,13 @@ DEFAULT_RUNPOD_BASE_URL = "https://api.runpod.ai/v2"
 DEFAULT_BATCH_SIZE = {"runpod": 256, "local": 32, "off": 32}
 # Jobs in flight: the `clip_inference` pool's default limit (dagster.yaml); match RunPod max workers.
 DEFAULT_MAX_IN_FLIGHT = 3
+# How images go to the RunPod worker: batch jobs (ours), the guide's single-image jobs (a worker its users
+# already run), or auto: batches, falling back to single images once if the worker does not speak them.
+RequestMode = Literal["auto", "batch", "single"]
+REQUEST_MODES: tuple[str, ...] = ("auto", "batch", "single")
+# Who owns what `add-video` and the inbox register when HEIMDEX_OWNER_ID is unset: a local user, which a
+# fresh database's stand-in auth.users gets on first use (on Supabase, set a real user's id).
+LOCAL_OWNER_ID = "00000000-0000-4000-8000-00000000000a"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -93,6 +101,14 @@ def _postgres_url(env: Mapping[str, str], name: str) -> str | None:
     return value
 
 
+def parse_user_id(raw: str, name: str) -> str:
+    """A user id (``auth.users.id``) in canonical form; ``name`` is the variable or flag, for the message."""
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a UUID; use a user id from auth.users") from None
+
+
 @functools.cache
 def model_dim(model_name: str) -> int:
     """The embedding width of an open_clip architecture, read from its config (no weights loaded).
@@ -149,6 +165,8 @@ class Settings:
     search_video_url_expires_s: int
     max_image_size_bytes: int
     partitions_per_run: int
+    owner_id: str
+    runpod_request_mode: RequestMode
 
     def replace(self, **changes: object) -> Settings:
         """A copy with some fields changed (a CLI flag, a run's config)."""
@@ -196,6 +214,13 @@ class Settings:
         if precision not in (None, "fp32", "bf16", "fp16"):
             raise ConfigError(f"CLIP_PRECISION={precision!r} is not one of fp32, bf16, fp16")
 
+        request_mode = (_get(env, "RUNPOD_REQUEST_MODE") or "auto").lower()
+        if request_mode not in REQUEST_MODES:
+            raise ConfigError(
+                f"RUNPOD_REQUEST_MODE={request_mode!r} is not one of {', '.join(REQUEST_MODES)}"
+            )
+
+        owner = _get(env, "HEIMDEX_OWNER_ID")
         model_name = _get(env, "CLIP_MODEL_NAME") or "ViT-B-32"
         pretrained = _get(env, "CLIP_PRETRAINED") or "openai"
         settings = cls(
@@ -203,7 +228,7 @@ class Settings:
             database_url=_postgres_url(env, "DATABASE_URL"),
             supabase_url=supabase_url.rstrip("/") if supabase_url else None,
             supabase_key=supabase_key,
-            bucket=_get(env, "SUPABASE_BUCKET") or "heimdex",
+            bucket=_get(env, "SUPABASE_BUCKET") or "videos",
             signed_url_expires_s=env_int(env, "SIGNED_URL_EXPIRES_S", 300, minimum=10),
             clip_backend=backend,  # type: ignore[arg-type]
             clip_model_name=model_name,
@@ -237,6 +262,8 @@ class Settings:
             search_video_url_expires_s=env_int(env, "SEARCH_VIDEO_URL_EXPIRES_S", 3600, minimum=10),
             max_image_size_bytes=env_int(env, "MAX_IMAGE_SIZE_BYTES", 10 * 1024 * 1024, minimum=1024),
             partitions_per_run=env_int(env, "HEIMDEX_PARTITIONS_PER_RUN", 100, minimum=1),
+            owner_id=parse_user_id(owner, "HEIMDEX_OWNER_ID") if owner else LOCAL_OWNER_ID,
+            runpod_request_mode=request_mode,  # type: ignore[arg-type]
         )
         if settings.clip_backend == "runpod" and settings.clip_batch_size > MAX_BATCH_ITEMS:
             raise ConfigError(

@@ -8,6 +8,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest_plugins = [
     "tests.fixtures.clip",
     "tests.fixtures.services",
+    "tests.fixtures.seed_system",
     "tests.fixtures.video",
     "tests.fixtures.worker",
 ]

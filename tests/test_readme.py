@@ -5,33 +5,20 @@ from pathlib import Path
 
 import numpy as np
 
-from heimdex_clip_assets.adapters.db import EmbeddingRow, SceneRecord, VectorStore, VideoRecord
+from heimdex_clip_assets.adapters.db import EmbeddingRow, VectorStore
+from tests.fixtures.rows import add_video, clip_metadata
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-VIDEO_ID = "6b1f8c52-0000-4000-8000-000000000001"
 
 
 def test_readme_sql_runs_verbatim(store: VectorStore) -> None:
     blocks = re.findall(r"```sql\n(.*?)```", README.read_text(), flags=re.S)
     assert len(blocks) >= 2
-    store.upsert_video(VideoRecord(id=VIDEO_ID, storage_path="videos/x.mp4"))
-    store.replace_scenes(
-        VIDEO_ID,
-        [SceneRecord(i, i, i + 1, i + 0.5, f"thumbnails/{VIDEO_ID}/{i}.jpg", f"sha{i}") for i in range(2)],
-    )
-    meta = {
-        "backend": "runpod",
-        "model_name": "ViT-B-32",
-        "pretrained": "openai",
-        "model_version": "openai-vit-b-32-v1",
-        "inference_time_ms": 45.2,
-        "download_ms": 50.0,
-        "total_ms": 234.5,
-    }
+    video_id = add_video(store, 2)
     vector = np.ones(512, dtype=np.float32) / np.sqrt(512)
-    store.write_embeddings(VIDEO_ID, [EmbeddingRow(0, vector, meta)])
+    store.write_embeddings(video_id, [EmbeddingRow(0, vector, clip_metadata(inference_ms=45.2))])
 
-    step7 = store.query(blocks[0].replace("<test-video-uuid>", VIDEO_ID))
+    step7 = store.query(blocks[0].replace("<test-video-uuid>", video_id))
     assert [(r["index"], r["has_clip"], r["backend"], r["inference_ms"]) for r in step7] == [
         (0, True, "runpod", "45.2"),
         (1, False, None, None),

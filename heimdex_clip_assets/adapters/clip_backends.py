@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -87,6 +88,7 @@ def settings_encoder(settings: Settings) -> ClipEncoder:
 # ---------------------------------------------------------------------------------------- backends
 class ClipBackend(ABC):
     name: ClassVar[str]
+    device: str = "none"  # where the model runs, for the metadata's device
     enabled: ClassVar[bool] = True
 
     def __init__(self, *, model_name: str, pretrained: str, model_version: str, dim: int) -> None:
@@ -101,17 +103,25 @@ class ClipBackend(ABC):
         whole, and for errors no other job can escape (bad credentials, wrong model); per-image failures
         come back in their slots. Safe to call from several threads at once."""
 
-    def _result(self, vector: np.ndarray, **timings: float | int) -> EmbeddingResult:
+    def _result(self, vector: np.ndarray, *, batch_size: int, **timings: float) -> EmbeddingResult:
         # The vector store ranks by cosine on unit vectors; a remote worker is outside our control, so
         # the invariant is enforced here, where every backend's vectors pass.
         vector = _unit(vector)
         metadata = {
-            "backend": self.name,
+            # The keys the seed system documents for visual_clip_metadata (its app reads them)...
             "model_name": self.model_name,
             "pretrained": self.pretrained,
+            "embed_dim": int(vector.shape[0]),
+            "normalized": True,
+            "device": self.device,
+            "created_at": utc_now(),
+            "error": None,
+            # ...the guide's backend, and ours.
+            "backend": self.name,
             "model_version": self.model_version,
-            "dim": int(vector.shape[0]),
-            **{k: round(float(v), 2) if isinstance(v, float) else v for k, v in timings.items()},
+            "cache_hit": False,
+            "batch_size": batch_size,
+            **{k: round(float(v), 2) for k, v in timings.items()},
         }
         return EmbeddingResult(vector, metadata)
 
@@ -124,6 +134,8 @@ class RunPodBackend(ClipBackend):
     """
 
     name = "runpod"
+    device = "runpod"  # the worker's own device is not in its answer
+    needs_urls = True
 
     def __init__(self, client: RunPodClient, storage: Storage, *, pretrained: str, expires_in: int) -> None:
         if client.model_name is None or client.model_version is None or client.dim is None:
@@ -198,6 +210,7 @@ class LocalBackend(ClipBackend):
             dim=encoder.dim,
         )
         self.encoder = encoder
+        self.device = str(encoder.device)
         self.storage = storage
         self._downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="clip-download")
 
@@ -294,7 +307,7 @@ def log_result(key: int | str, backend: str, result: EmbeddingResult | ClipError
     if isinstance(result, EmbeddingResult):
         meta = result.metadata
         return (
-            f"Scene {key}: {label} CLIP embedding generated (dim={meta['dim']}, "
+            f"Scene {key}: {label} CLIP embedding generated (dim={meta['embed_dim']}, "
             f"inference={meta['inference_time_ms']:.1f}ms, total={meta['total_ms']:.1f}ms)"
         )
     return (
@@ -318,6 +331,11 @@ def describe_error(backend: str, err: ClipError) -> str:
 def _kind(err: ClipError) -> str:
     # RequestTimeoutError -> "Timeout" (the seed's wording), ImageDownloadError -> "ImageDownload", ...
     return type(err).__name__.removeprefix("Request").removesuffix("Error") or err.code
+
+
+def utc_now() -> str:
+    """The metadata's ``created_at``: ISO 8601 in UTC, as the seed system writes it."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

@@ -12,18 +12,42 @@ import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import httpx
 from storage3.exceptions import StorageApiError
 from supabase import create_client
 
-from heimdex_clip_contract.errors import NotFoundError, StorageError
+from heimdex_clip_contract.errors import InvalidRequestError, NotFoundError, StorageError
 
 T = TypeVar("T")
+# The seed system stores each thumbnail's URL in this public form, whatever the bucket's privacy, and
+# its own backfill turns it back into the object's path by splitting on this marker.
+PUBLIC_MARKER = "/storage/v1/object/public/"
+
+
+def public_url(base_url: str, bucket: str, path: str) -> str:
+    """``{SUPABASE_URL}/storage/v1/object/public/{bucket}/{path}``: the seed's ``thumbnail_url`` form."""
+    return f"{base_url.rstrip('/')}{PUBLIC_MARKER}{bucket}/{quote(path)}"
+
+
+def object_path(url: str, bucket: str) -> str:
+    """The path in ``bucket`` that a public-form URL names (the host is ignored: a project's URL may
+    have changed since the row was written)."""
+    parts = urlsplit(url)
+    marker = f"{PUBLIC_MARKER}{bucket}/"
+    _, found, path = parts.path.partition(marker)
+    if parts.scheme not in ("http", "https") or not found or not path.strip("/"):
+        raise InvalidRequestError(
+            f"thumbnail_url {url[:200]!r} is not a storage URL of bucket {bucket!r} "
+            f"(https://<project>{marker}<path>); correct it, or set it to NULL to skip the scene"
+        )
+    return unquote(path)
 
 
 class Storage(Protocol):
+    bucket: str
+
     def upload(
         self, path: str, data: bytes | Path, content_type: str = "image/jpeg", upsert: bool = True
     ) -> None:
@@ -42,11 +66,22 @@ class Storage(Protocol):
 
     def create_signed_urls(
         self, paths: Sequence[str], expires_in: int = 300, *, missing_ok: bool = False
-    ) -> dict[str, str]: ...
+    ) -> dict[str, str]:
+        """One URL per path; a missing object raises :class:`NotFoundError`, or with ``missing_ok`` is
+        left out of the result."""
+        ...
 
     def exists(self, path: str) -> bool: ...
 
     def remove(self, paths: Sequence[str]) -> None: ...
+
+    def public_url(self, path: str) -> str:
+        """The object's URL in the seed's ``thumbnail_url`` form (see :func:`public_url`)."""
+        ...
+
+    def object_path(self, url: str) -> str:
+        """The path of this bucket's object that a ``thumbnail_url`` names (see :func:`object_path`)."""
+        ...
 
 
 class SupabaseStorage:
@@ -148,6 +183,12 @@ class SupabaseStorage:
                 f"cannot sign {len(missing)} missing objects in bucket {self.bucket!r}: {missing[:5]}"
             )
         return {str(r["path"]): str(r["signedURL"]) for r in replies if r["signedURL"]}
+
+    def public_url(self, path: str) -> str:
+        return public_url(self.url, self.bucket, path)
+
+    def object_path(self, url: str) -> str:
+        return object_path(url, self.bucket)
 
     def exists(self, path: str) -> bool:
         return self._call(f"check {path}", lambda: self._files.exists(path))

@@ -52,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("add-video", "Upload video files to storage and register them.")
     p.add_argument("paths", nargs="+", metavar="PATH", help="Video files (mp4, mov, mkv, webm, avi, m4v).")
+    p.add_argument(
+        "--owner-id",
+        metavar="UUID",
+        help="The user (auth.users id) the videos belong to (default: HEIMDEX_OWNER_ID, else a local user).",
+    )
     p.set_defaults(func=cmd_add_video)
 
     p = command("process-video", "Materialize every asset of one video now; print its scenes.")
@@ -90,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query", nargs="?", help='What to look for, e.g. "a red car".')
     p.add_argument("--image", metavar="PATH", help="Find scenes that look like this image instead.")
     p.add_argument("--video-id", metavar="ID", help="Only scenes of this video (default: every video).")
+    p.add_argument(
+        "--user-id", metavar="UUID", help="Only this user's videos (their owner_id), as filter_user_id does."
+    )
     p.add_argument(
         "--limit", type=int, default=10, metavar="N", help="How many scenes (default: %(default)s)."
     )

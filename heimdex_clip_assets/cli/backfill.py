@@ -59,7 +59,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     if report.failed > len(report.failures):
         console.print(f"[red]✗[/red] ... and {report.failed - len(report.failures)} more")
     console.print(
-        f"Done: {report.embedded} embedded, {report.failed} failed ({report.cache_hits} from the cache, "
+        f"Done: {report.embedded} embedded, {report.failed} failed, "
+        f"{store.count_scenes_without_thumbnail()} skipped without a thumbnail "
+        f"({report.cache_hits} from the cache, "
         f"{report.jobs} jobs in {report.wall_s:.1f}s)"
         + ("; run the same command again to retry the failures" if report.failed else "")
     )

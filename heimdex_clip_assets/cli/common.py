@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from heimdex_clip_assets import services
+from heimdex_clip_assets.adapters.storage import object_path
 from heimdex_clip_assets.adapters.weights import check_weights
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_contract.errors import ClipError, ConfigError, InvalidRequestError, NotFoundError
@@ -157,6 +158,16 @@ def _run_failure(result: Any, video_id: str) -> ClipError:
     return ClipError("The run failed; open the Dagster UI (`heimdex-clip dev`) for its logs")
 
 
+def thumbnail_label(url: str | None, bucket: str) -> str:
+    """A thumbnail as a table shows it: its path in the bucket (a whole URL would be cut by the table)."""
+    if url is None:
+        return "-"
+    try:
+        return object_path(url, bucket)
+    except ClipError:
+        return url
+
+
 def print_scenes(settings: Settings, video_id: str) -> None:
     table = Table(title=f"video {video_id}")
     for column in ("scene", "time", "has_clip", "backend", "inference_ms", "thumbnail"):
@@ -169,6 +180,6 @@ def print_scenes(settings: Settings, video_id: str) -> None:
             "true" if scene.embedding is not None else "false",
             str(meta.get("backend", "-")),
             f"{float(meta['inference_time_ms']):.1f}" if "inference_time_ms" in meta else "-",
-            scene.thumbnail_path,
+            thumbnail_label(scene.thumbnail_url, settings.bucket),
         )
     console.print(table)

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from heimdex_clip_assets import services
+from heimdex_clip_assets.config import parse_user_id
 from heimdex_clip_assets.pipeline.search import check_image, check_query
 from heimdex_clip_contract.errors import ConfigError, NotFoundError
 
@@ -13,6 +14,7 @@ from .common import (
     console,
     random_weights_note,
     settings_from_args,
+    thumbnail_label,
     video_id_arg,
 )
 
@@ -31,8 +33,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         vector = encoder.encode_image(check_image(image.read_bytes()))
     else:
         vector = encoder.encode_texts([check_query(args.query)])[0]
+    user_id = parse_user_id(args.user_id, "--user-id") if args.user_id else None
     hits = services.vector_store(settings).search(
-        vector, k=args.limit, video_id=video_id, model_version=settings.clip_model_version
+        vector, k=args.limit, video_id=video_id, user_id=user_id, model_version=settings.clip_model_version
     )
     if not hits:
         console.print("No scenes with embeddings yet; run `heimdex-clip demo` or `process-video` first.")
@@ -45,5 +48,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     for hit in hits:
         time_range = f"{hit.start_s:.2f}-{hit.end_s:.2f}s"
         console.print(f"{hit.score:6.3f}  {hit.index:5d}  {time_range:<15}  {hit.video_id}", highlight=False)
-        console.print(f"{'':6}  {'':5}  {hit.thumbnail_path}", highlight=False)
+        console.print(
+            f"{'':6}  {'':5}  {thumbnail_label(hit.thumbnail_url, settings.bucket)}", highlight=False
+        )
     return 0

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from heimdex_clip_assets import services
 from heimdex_clip_assets.adapters.weights import WeightsUnavailableError
-from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.config import Settings, parse_user_id
 from heimdex_clip_assets.pipeline import register
 
 from .common import (
@@ -28,9 +28,10 @@ from .common import (
 
 def cmd_add_video(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
+    owner_id = parse_user_id(args.owner_id, "--owner-id") if args.owner_id else settings.owner_id
     store, storage = services.vector_store(settings), services.storage(settings)
     for path in args.paths:
-        video_id = register.register_video(Path(path), store=store, storage=storage)
+        video_id = register.register_video(Path(path), store=store, storage=storage, owner_id=owner_id)
         console.print(f"{video_id}  {path}")
     console.print(
         "Registered. The sensor of `heimdex-clip dev` picks them up, or run "
@@ -90,7 +91,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     # instead of later beside scene detection, which needs the same two cores.
     services.preload_encoder(settings)
     store, storage = services.vector_store(settings), services.storage(settings)
-    video_id = register.register_video(video, store=store, storage=storage)
+    video_id = register.register_video(video, store=store, storage=storage, owner_id=settings.owner_id)
     console.print(
         f"Video {video_id} registered; running scene_keyframes -> "
         f"scene_clip_embeddings (backend={settings.clip_backend})"

@@ -93,8 +93,9 @@ def _jpeg_markdown(jpeg: bytes) -> dg.MetadataValue:
     retry_policy=STEP_RETRY,
     group_name=GROUP,
     kinds={"python", "supabase", "postgres"},
-    description="Scenes of the video (PySceneDetect), the best keyframe of each as a JPEG thumbnail in "
-    "storage, and one video_scenes row per scene.",
+    description="The video's scenes: those that exist are adopted as they are; a video without any gets "
+    "them detected (PySceneDetect), the best keyframe of each as a JPEG thumbnail in storage "
+    "({owner_id}/{video_id}/thumbnails/scene_{index}.jpg), and one video_scenes row per scene.",
 )
 def scene_keyframes(
     context: dg.AssetExecutionContext,
@@ -122,10 +123,16 @@ def scene_keyframes(
             continue
         video = report.video
         scene_count += len(report.scenes)
-        context.log.info(
-            f"Video {video.id}: {len(report.scenes)} scenes in {video.duration_s:.1f}s of video "
-            f"({', '.join(f'{k}={v:.2f}s' for k, v in report.timings_s.items())})"
-        )
+        if report.adopted:
+            context.log.info(
+                f"Video {video.id}: adopted its {len(report.scenes)} existing scenes "
+                f"({report.without_thumbnail} without a thumbnail, which cannot be embedded)"
+            )
+        else:
+            context.log.info(
+                f"Video {video.id}: {len(report.scenes)} scenes in {video.duration_s or 0:.1f}s of video "
+                f"({', '.join(f'{k}={v:.2f}s' for k, v in report.timings_s.items())})"
+            )
     if rejected:
         raise dg.Failure(
             description=f"{len(rejected)} video(s) could not be decoded: "
@@ -140,8 +147,11 @@ def scene_keyframes(
             "duration_s": video.duration_s,
             "resolution": f"{video.width}x{video.height}",
             "stage_seconds": report.timings_s,
-            "contact_sheet": _jpeg_markdown(report.contact_sheet_jpeg),
+            "adopted": report.adopted,
+            "without_thumbnail": report.without_thumbnail,
         }
+        if report.contact_sheet_jpeg is not None:
+            metadata["contact_sheet"] = _jpeg_markdown(report.contact_sheet_jpeg)
     return dg.MaterializeResult(metadata=metadata)
 
 

@@ -24,6 +24,7 @@ def register_inbox_files(context: dg.OpExecutionContext) -> dg.Output[int]:
         settings.inbox_dir,
         store=services.vector_store(settings),
         storage=services.storage(settings),
+        owner_id=settings.owner_id,
         settle_s=settings.inbox_settle_s,
     )
     context.log.info(f"Registered {len(scan.registered)} video(s) from {settings.inbox_dir}")

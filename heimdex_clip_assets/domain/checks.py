@@ -23,14 +23,17 @@ def _embedded(scenes: Sequence[SceneRecord]) -> list[SceneRecord]:
 
 
 def every_scene_embedded(scenes: Sequence[SceneRecord], dim: int) -> CheckOutcome:
-    """Every scene of the video has a CLIP embedding."""
-    missing = [s.index for s in scenes if s.embedding is None]
+    """Every scene of the video that has a thumbnail has a CLIP embedding (one without cannot have one)."""
+    missing = [s.index for s in scenes if s.embedding is None and s.thumbnail_url is not None]
     if not scenes:
         return CheckOutcome(False, "The video has no scenes", {"scenes": 0})
+    without_thumbnail = sum(s.thumbnail_url is None for s in scenes)
     return CheckOutcome(
         not missing,
-        "Every scene has a CLIP embedding" if not missing else f"Scenes without an embedding: {missing}",
-        {"scenes": len(scenes), "missing": len(missing)},
+        "Every scene with a thumbnail has a CLIP embedding"
+        if not missing
+        else f"Scenes without an embedding: {missing}",
+        {"scenes": len(scenes), "missing": len(missing), "without_thumbnail": without_thumbnail},
     )
 
 

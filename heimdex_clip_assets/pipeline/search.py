@@ -313,6 +313,13 @@ class SearchService:
         future.add_done_callback(lambda f: f.exception() is None and self.cache.put(query, f.result()))
         return future, False
 
+    def _thumbnail_path(self, url: str | None) -> str | None:
+        """The thumbnail's path in the bucket, or None for a scene without one (or a foreign URL)."""
+        try:
+            return self.thumbnails.storage.object_path(url) if url else None
+        except ClipError:
+            return None
+
     def search(
         self,
         vector: np.ndarray,
@@ -336,7 +343,9 @@ class SearchService:
             model_version=self.encoder.model_version,
         )
         found = [h for h in found if min_score is None or h.score >= min_score]
-        thumbs = self.thumbnails.sign([h.thumbnail_path for h in found])
+        # thumbnail_url is the seed's public-form URL; the bucket is private, so each is signed.
+        paths = {h.scene_id: self._thumbnail_path(h.thumbnail_url) for h in found}
+        thumbs = self.thumbnails.sign([p for p in paths.values() if p])
         videos = self.videos.sign([h.video_path for h in found])
         return [
             Hit(
@@ -347,7 +356,7 @@ class SearchService:
                 start_s=h.start_s,
                 end_s=h.end_s,
                 score=round(h.score, 6),
-                thumbnail_url=thumbs.get(h.thumbnail_path),
+                thumbnail_url=thumbs.get(paths[h.scene_id] or ""),
                 video_url=f"{videos[h.video_path]}#t={h.start_s:.3f}" if h.video_path in videos else None,
             )
             for h in found

@@ -15,6 +15,7 @@ import pytest
 
 from heimdex_clip_assets import services
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.pipeline.keyframes import thumbnail_path
 from tests.fixtures.services import _reachable_dir
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,9 +91,11 @@ def test_add_video_then_process_video(cli_env: dict[str, str], make_video) -> No
 
 def test_search_by_text_and_image(cli_env: dict[str, str], demo: subprocess.CompletedProcess[str]) -> None:
     found = cli(cli_env, "search", "a red square", "--limit", "2")
-    assert len(re.findall(r"^ +thumbnails/", found.stdout, re.M)) == 2
+    paths = re.findall(r"^ +[0-9a-f-]{36}/[0-9a-f-]{36}/thumbnails/scene_\d+\.jpg$", found.stdout, re.M)
+    assert len(paths) == 2
     video_id = UUID.search(demo.stdout).group(0)
-    thumb = services.storage(Settings.from_env(cli_env)).download(f"thumbnails/{video_id}/1.jpg")
+    settings = Settings.from_env(cli_env)
+    thumb = services.storage(settings).download(thumbnail_path(settings.owner_id, video_id, 1))
     image = Path(cli_env["HEIMDEX_HOME"]) / "query.jpg"
     image.write_bytes(thumb)
     by_image = cli(cli_env, "search", "--image", str(image), "--video-id", video_id, "--limit", "1")

@@ -160,7 +160,7 @@ def test_random_weights_are_marked_in_demo_search_and_smoke(fresh_env: dict[str,
     assert f"({RANDOM_CAPTION})" in lines[0][1]
     # 80 columns: whole ids and whole paths, nothing cut short with an ellipsis.
     assert re.search(rf"^ *-?[\d.]+ +\d+ +[\d.]+-[\d.]+s +{video_id}$", found, re.M), found
-    assert re.search(rf"^ +thumbnails/{video_id}/\d+\.jpg$", found, re.M), found
+    assert re.search(rf"^ +[0-9a-f-]{{36}}/{video_id}/thumbnails/scene_\d+\.jpg$", found, re.M), found
     assert "…" not in found
 
     code, lines, stderr = run(env, "smoke")

@@ -30,6 +30,7 @@ from heimdex_clip_assets.pipeline.embed import EmbeddingEngine
 from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import NetworkError, RequestTimeoutError
 from heimdex_clip_contract.schema import ImageItem
+from tests.fixtures.rows import OWNER
 
 SECRET = "faults-secret"
 MODEL = LoopbackConfig()
@@ -44,15 +45,14 @@ def _jpeg(seed: int) -> bytes:
 
 def _video(store: VectorStore, storage: Storage, scenes: int) -> str:
     video_id = str(uuid.uuid4())
-    store.upsert_video(
-        VideoRecord(id=video_id, storage_path=f"videos/{video_id}/v.mp4", status="scenes_ready")
-    )
+    store.ensure_owner(OWNER)
+    store.add_video(VideoRecord(id=video_id, owner_id=OWNER, storage_path=f"{OWNER}/{video_id}/source.mp4"))
     records = []
     for i in range(scenes):
-        path = f"thumbnails/{video_id}/{i}.jpg"
+        path = f"{OWNER}/{video_id}/thumbnails/scene_{i}.jpg"
         storage.upload(path, _jpeg(i), content_type="image/jpeg")
-        records.append(SceneRecord(i, i, i + 1, i + 0.5, path, f"{video_id}-{i}"))
-    store.replace_scenes(video_id, records)
+        records.append(SceneRecord(i, i, i + 1, storage.public_url(path), i + 0.5, f"{video_id}-{i}"))
+    store.insert_scenes(video_id, records)
     return video_id
 
 

@@ -97,8 +97,8 @@ def test_a_refused_file_moves_aside_and_the_rest_register_in_the_same_run(
     refused = _drop(inbox, videos[4], "refused.mp4")
     _drop(inbox, videos[5], "plain.mp4")
     _drop(inbox, corrupt_video, "broken.mp4")
-    refused_id = str(uuid.uuid5(VIDEO_ID_NAMESPACE, file_sha256(refused)))
-    proxy = RefusingProxy(storage_server.url, refuse=f"/videos/{refused_id}/")
+    refused_id = str(uuid.uuid5(VIDEO_ID_NAMESPACE, f"{heimdex_env.owner_id}/{file_sha256(refused)}"))
+    proxy = RefusingProxy(storage_server.url, refuse=f"/{heimdex_env.owner_id}/{refused_id}/")
     monkeypatch.setenv("SUPABASE_URL", proxy.url)
 
     with dg.instance_for_test() as instance:

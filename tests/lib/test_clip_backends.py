@@ -24,6 +24,7 @@ from heimdex_clip_assets.adapters.clip_backends import (
     log_result,
     make_backend,
 )
+from heimdex_clip_assets.adapters.db import METADATA_KEYS
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.config import Settings
@@ -41,17 +42,8 @@ from heimdex_clip_contract.errors import (
 )
 from runpod_worker.encoder import ClipEncoder
 
-META_KEYS = {
-    "backend",
-    "model_name",
-    "pretrained",
-    "model_version",
-    "dim",
-    "inference_time_ms",
-    "download_ms",
-    "total_ms",
-    "batch_size",
-}
+# The seed system's documented keys, the guide's backend, our extras (METADATA_KEYS), and timings.
+META_KEYS = {*METADATA_KEYS, "download_ms", "total_ms"}
 
 
 def jpeg(seed: int, size: tuple[int, int] = (96, 64)) -> bytes:
@@ -219,7 +211,7 @@ def test_runpod_auth_failure_stops_the_run(runpod_settings: Settings, storage: S
 
 def test_success_log_line_matches_the_seed() -> None:
     result = EmbeddingResult(
-        np.ones(512, dtype=np.float32), {"dim": 512, "inference_time_ms": 45.2, "total_ms": 234.5}
+        np.ones(512, dtype=np.float32), {"embed_dim": 512, "inference_time_ms": 45.2, "total_ms": 234.5}
     )
     assert log_result(5, "runpod", result) == (
         "Scene 5: RunPod CLIP embedding generated (dim=512, inference=45.2ms, total=234.5ms)"

@@ -10,12 +10,7 @@ import numpy as np
 import psycopg
 import pytest
 
-from heimdex_clip_assets.adapters.db import (
-    EmbeddingRow,
-    SceneRecord,
-    VectorStore,
-    VideoRecord,
-)
+from heimdex_clip_assets.adapters.db import EmbeddingRow, SceneRecord, VectorStore, VideoRecord
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.devservices.postgres import embedded_postgres
 from heimdex_clip_assets.services import dagster_storage_url, resolve_database_url
@@ -25,9 +20,9 @@ from heimdex_clip_contract.errors import (
     ModelMismatchError,
     NotFoundError,
 )
+from tests.fixtures.rows import MODEL, OWNER, add_video, clip_metadata, scene
 
 DIM = 512
-MODEL = "openai-vit-b-32-v1"
 
 
 def unit(rng: np.random.Generator) -> np.ndarray:
@@ -36,33 +31,7 @@ def unit(rng: np.random.Generator) -> np.ndarray:
 
 
 def metadata(model_version: str = MODEL, backend: str = "runpod", inference_ms: float = 45.0) -> dict:
-    return {
-        "backend": backend,
-        "model_name": "ViT-B-32",
-        "pretrained": "openai",
-        "model_version": model_version,
-        "inference_time_ms": inference_ms,
-        "download_ms": 3.0,
-        "total_ms": inference_ms + 3.0,
-    }
-
-
-def scene(index: int, sha: str | None = None) -> SceneRecord:
-    return SceneRecord(
-        index=index,
-        start_s=index * 2.0,
-        end_s=index * 2.0 + 2.0,
-        keyframe_s=index * 2.0 + 1.0,
-        thumbnail_path=f"thumbnails/v/{index}.jpg",
-        thumbnail_sha256=sha or f"sha-{index}",
-    )
-
-
-def add_video(store: VectorStore, n_scenes: int = 3, *, shas: list[str] | None = None) -> str:
-    video_id = str(uuid.uuid4())
-    store.upsert_video(VideoRecord(id=video_id, storage_path=f"videos/{video_id}.mp4", filename="a.mp4"))
-    store.replace_scenes(video_id, [scene(i, shas[i] if shas else None) for i in range(n_scenes)])
-    return video_id
+    return clip_metadata(model_version, backend, inference_ms)
 
 
 def embed_all(
@@ -77,14 +46,38 @@ def embed_all(
 # ------------------------------------------------------------------------------------------ schema
 def test_migrations_are_versioned_and_idempotent(pg_database: str) -> None:
     store = VectorStore(pg_database, DIM)
-    assert store.migrate() == [1, 2]
+    assert store.migrate() == [1, 2, 3]
     assert store.migrate() == []
     with psycopg.connect(pg_database) as conn:
-        assert conn.execute("SELECT count(*) FROM schema_migrations").fetchone() == (2,)
+        assert conn.execute("SELECT count(*) FROM heimdex_clip.schema_migrations").fetchone() == (3,)
         indexdef = conn.execute(
             "SELECT indexdef FROM pg_indexes WHERE tablename = 'video_scenes' AND indexdef LIKE '%hnsw%'"
         ).fetchone()
+        # The seed system's shape: its enum, RLS on, the search functions.
+        assert conn.execute("SELECT enum_range(NULL::video_status)::text").fetchone() == (
+            "{PENDING,PROCESSING,READY,FAILED}",
+        )
+        assert conn.execute(
+            "SELECT bool_and(relrowsecurity) FROM pg_class WHERE oid IN ('videos'::regclass,"
+            " 'video_scenes'::regclass)"
+        ).fetchone() == (True,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_proc WHERE proname IN ('search_scenes_by_visual_clip_embedding',"
+            " 'batch_score_scenes_clip')"
+        ).fetchone() == (2,)
     assert indexdef is not None and "vector_cosine_ops" in indexdef[0]
+
+
+def test_foreign_and_old_databases_are_refused(pg_database: str) -> None:
+    with psycopg.connect(pg_database) as conn:
+        conn.execute("CREATE TABLE invoices (id int)")
+    with pytest.raises(DatabaseError, match="no videos and video_scenes tables but holds 1 other"):
+        VectorStore(pg_database, DIM).migrate()
+    with psycopg.connect(pg_database) as conn:  # the pre-seed-layout heimdex-clip tables
+        conn.execute("CREATE TABLE videos (id uuid PRIMARY KEY, fps float)")
+        conn.execute("CREATE TABLE video_scenes (id uuid PRIMARY KEY)")
+    with pytest.raises(DatabaseError, match="not the Heimdex layout"):
+        VectorStore(pg_database, DIM).migrate()
 
 
 def _migrate(dsn: str) -> list[int]:
@@ -94,7 +87,7 @@ def _migrate(dsn: str) -> list[int]:
 def test_concurrent_migrations_apply_once(pg_database: str) -> None:
     with multiprocessing.get_context("fork").Pool(4) as pool:
         results = pool.map(_migrate, [pg_database] * 4)
-    assert sorted(results) == [[], [], [], [1, 2]]
+    assert sorted(results) == [[], [], [], [1, 2, 3]]
 
 
 def test_dimension_mismatch_is_refused(store: VectorStore) -> None:
@@ -139,41 +132,74 @@ def test_resolve_database_url(embedded_home: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ videos
-def test_video_upsert_status_and_listing(store: VectorStore) -> None:
-    video = VideoRecord(id=str(uuid.uuid4()), storage_path="videos/a.mp4", duration_s=12.5, fps=25.0)
-    store.upsert_video(video)
-    store.upsert_video(VideoRecord(**{**video.__dict__, "width": 1280, "height": 720}))
+def test_registered_video_states_and_status(store: VectorStore) -> None:
+    store.ensure_owner(OWNER)
+    video = VideoRecord(id=str(uuid.uuid4()), owner_id=OWNER, storage_path="o/v/source.mp4", duration_s=12.5)
+    assert store.add_video(video)
+    assert not store.add_video(VideoRecord(**{**video.__dict__, "storage_path": "elsewhere"}))
+    store.update_video_info(video.id, duration_s=12.5, frame_rate=25.0, width=1280, height=720)
     got = store.get_video(video.id)
-    assert got is not None and (got.width, got.duration_s, got.status) == (1280, 12.5, "pending")
-    store.set_video_status(video.id, "failed", "no video stream")
+    assert got is not None
+    assert (got.width, got.frame_rate, got.storage_path, got.status) == (
+        1280,
+        25.0,
+        "o/v/source.mp4",
+        "PENDING",
+    )
+    assert (got.registered, got.state) == (True, "registered")
+    store.set_video_state(video.id, "failed", "no video stream")
     failed = store.get_video(video.id)
-    assert failed is not None and (failed.status, failed.error) == ("failed", "no video stream")
+    assert failed is not None
+    assert (failed.status, failed.error_message, failed.state, failed.error) == (
+        "FAILED",
+        "no video stream",
+        "failed",
+        "no video stream",
+    )
+    store.set_video_state(video.id, "embedded")
+    assert (store.get_video(video.id) or video).status == "READY"
     assert store.get_video(str(uuid.uuid4())) is None
     with pytest.raises(NotFoundError):
-        store.set_video_status(str(uuid.uuid4()), "ready")
+        store.set_video_state(str(uuid.uuid4()), "embedded")
+    with pytest.raises(InvalidRequestError, match="unknown video state"):
+        store.set_video_state(video.id, "ready")
+
+
+def test_owners_outside_a_local_auth_table_must_exist(store: VectorStore) -> None:
+    stranger = str(uuid.uuid4())
+    store.ensure_owner(stranger)  # the fresh database's stand-in auth.users takes local users
+    with psycopg.connect(store.dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM auth.users WHERE id = %s", (stranger,)).fetchone() == (1,)
+        conn.execute("DELETE FROM heimdex_clip.settings WHERE key = 'local_auth_users'")
+    with pytest.raises(NotFoundError, match="not a user of this database"):
+        store.ensure_owner(str(uuid.uuid4()))
+    store.ensure_owner(stranger)
 
 
 # ------------------------------------------------------------------------------------------ scenes
-def test_replace_scenes_keeps_embeddings_of_unchanged_thumbnails(store: VectorStore) -> None:
+def test_existing_scenes_are_never_replaced(store: VectorStore) -> None:
     rng = np.random.default_rng(1)
     video_id = add_video(store, 3)
     vectors = embed_all(store, video_id, rng)
-    before = {s.index: s for s in store.scenes(video_id)}
+    before = store.scenes(video_id)
+    assert [(s.keyframe_s, s.thumbnail_sha256) for s in before] == [
+        (1.0, "sha-0"),
+        (3.0, "sha-1"),
+        (5.0, "sha-2"),
+    ]
 
-    # 0 unchanged, 1 new thumbnail content, 2 gone, 3 new
-    store.replace_scenes(video_id, [scene(0), scene(1, "sha-changed"), scene(3)])
-    after = {s.index: s for s in store.scenes(video_id)}
-    assert sorted(after) == [0, 1, 3]
-    assert after[0].id == before[0].id and after[0].embedding is not None
+    assert store.insert_scenes(video_id, [scene(0, "sha-changed"), scene(3)]) == 0
+    after = store.scenes(video_id)
+    assert [(s.id, s.index, s.thumbnail_sha256) for s in after] == [
+        (s.id, s.index, s.thumbnail_sha256) for s in before
+    ]
     np.testing.assert_allclose(after[0].embedding, vectors[0], rtol=1e-6)
     assert after[0].metadata == metadata()
-    assert after[1].embedding is None and after[1].metadata is None
-    assert after[3].embedding is None
 
     with pytest.raises(InvalidRequestError):
-        store.replace_scenes(video_id, [scene(0), scene(0)])
+        store.insert_scenes(video_id, [scene(0), scene(0)])
     with pytest.raises(NotFoundError):
-        store.replace_scenes(str(uuid.uuid4()), [scene(0)])
+        store.insert_scenes(str(uuid.uuid4()), [scene(0)])
 
 
 def test_write_embeddings_is_idempotent(store: VectorStore) -> None:
@@ -212,7 +238,7 @@ def _write_video(args: tuple[str, str, int]) -> None:
     store = VectorStore(dsn, DIM)
     rng = np.random.default_rng(seed)
     for _ in range(5):
-        store.replace_scenes(video_id, [scene(i) for i in range(20)])
+        store.insert_scenes(video_id, [scene(i) for i in range(20)])
         store.write_embeddings(video_id, [EmbeddingRow(i, unit(rng), metadata()) for i in range(20)])
 
 
@@ -280,8 +306,32 @@ def test_search_finds_planted_near_duplicates(store: VectorStore) -> None:
     assert (hits[0].video_id, hits[0].index, hits[0].scene_id) == (videos[1], 7, target.id)
     assert hits[0].score > 0.99
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
-    assert hits[0].thumbnail_path == target.thumbnail_path and hits[0].start_s == target.start_s
+    assert hits[0].thumbnail_url == target.thumbnail_url and hits[0].start_s == target.start_s
+    assert hits[0].owner_id == OWNER
 
     in_video = store.search(query, k=10, video_id=videos[2])
     assert len(in_video) == 10 and {h.video_id for h in in_video} == {videos[2]}
     assert store.search(query, k=3, model_version="other-model") == []
+
+
+def test_search_keeps_tenants_apart(store: VectorStore) -> None:
+    rng = np.random.default_rng(7)
+    other = "00000000-0000-4000-8000-0000000000f2"
+    mine, theirs = add_video(store, 5), add_video(store, 5, owner=other)
+    for video_id in (mine, theirs):
+        embed_all(store, video_id, rng)
+    query = store.scenes(theirs)[2].embedding
+    assert store.search(query, k=1)[0].video_id == theirs
+    hits = store.search(query, k=10, user_id=OWNER)
+    assert len(hits) == 5 and {h.owner_id for h in hits} == {OWNER}
+
+
+def test_scenes_without_thumbnail_are_not_to_embed(store: VectorStore) -> None:
+    video_id = add_video(store, 0)
+    store.insert_scenes(video_id, [scene(0), SceneRecord(1, 2.0, 4.0, None, 3.0, "sha-x")])
+    (page,) = store.iter_scenes_to_embed(MODEL, video_ids=[video_id])
+    assert [(s.index, s.thumbnail_path) for s in page] == [(0, f"{OWNER}/v/thumbnails/scene_0.jpg")]
+    assert store.count_scenes_without_thumbnail(video_id) == 1
+    assert store.videos_needing_embeddings(MODEL, [video_id]) == [video_id]
+    store.write_embeddings(video_id, [EmbeddingRow(0, unit(np.random.default_rng(8)), metadata())])
+    assert store.videos_needing_embeddings(MODEL, [video_id]) == []

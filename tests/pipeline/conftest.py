@@ -47,6 +47,11 @@ def materialize(instance: dg.DagsterInstance) -> Materialize:
 def register(local_env: Settings) -> Callable[[Path], str]:
     def run(path: Path) -> str:
         settings = Settings.from_env()
-        return register_video(path, store=services.vector_store(settings), storage=services.storage(settings))
+        return register_video(
+            path,
+            store=services.vector_store(settings),
+            storage=services.storage(settings),
+            owner_id=settings.owner_id,
+        )
 
     return run

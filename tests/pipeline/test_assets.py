@@ -10,6 +10,7 @@ from heimdex_clip_assets import services
 from heimdex_clip_assets.adapters.db import VideoRecord
 from heimdex_clip_assets.cli.common import STEP7_SQL
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.pipeline.keyframes import thumbnail_path
 from heimdex_clip_contract.errors import InvalidVideoError
 
 
@@ -28,7 +29,8 @@ def test_local_backend_end_to_end(local_env: Settings, sample_video: Path, regis
         assert scene.embedding is not None and scene.embedding.shape == (512,)
         assert abs(np.linalg.norm(scene.embedding) - 1) < 1e-3
         assert scene.metadata["backend"] == "local"
-        assert services.storage(local_env).exists(scene.thumbnail_path)
+        storage = services.storage(local_env)
+        assert storage.exists(storage.object_path(scene.thumbnail_url))
     assert _checks(result) == dict.fromkeys(
         ["every_scene_embedded", "dimension_matches", "norms_are_unit", "one_model_version"], True
     )
@@ -91,8 +93,9 @@ def test_failed_scenes_fail_the_run_and_a_rerun_fills_only_the_gaps(
     assert materialize(video_id).success
     store.clear_embeddings(video_id)
     # Scene 2's thumbnail becomes garbage: the other scenes must still be embedded and stored.
-    good = storage.download(f"thumbnails/{video_id}/2.jpg")
-    storage.upload(f"thumbnails/{video_id}/2.jpg", b"not a jpeg", content_type="image/jpeg")
+    thumb = thumbnail_path(local_env.owner_id, video_id, 2)
+    good = storage.download(thumb)
+    storage.upload(thumb, b"not a jpeg", content_type="image/jpeg")
     failed = materialize(video_id, job="embed_scenes")
     assert not failed.success
     failure = next(e for e in failed.all_events if e.is_step_failure)
@@ -101,7 +104,7 @@ def test_failed_scenes_fail_the_run_and_a_rerun_fills_only_the_gaps(
     assert first[2].embedding is None
     assert all(first[i].embedding is not None for i in (0, 1, 3))
 
-    storage.upload(f"thumbnails/{video_id}/2.jpg", good, content_type="image/jpeg")
+    storage.upload(thumb, good, content_type="image/jpeg")
     assert materialize(video_id, job="embed_scenes").success
     second = {s.index: s for s in store.scenes(video_id)}
     assert second[2].embedding is not None
@@ -125,13 +128,15 @@ def test_corrupt_video_in_storage_fails_the_keyframes_asset(
     """A video that got into storage anyway (e.g. replaced) fails with a clear message; no scenes."""
     store, storage = services.vector_store(local_env), services.storage(local_env)
     video_id = str(uuid.uuid4())
-    storage.upload(f"videos/{video_id}/bad.mp4", corrupt_video.read_bytes(), content_type="video/mp4")
-    store.upsert_video(
-        VideoRecord(id=video_id, storage_path=f"videos/{video_id}/bad.mp4", filename="bad.mp4")
+    path = f"{local_env.owner_id}/{video_id}/source.mp4"
+    storage.upload(path, corrupt_video.read_bytes(), content_type="video/mp4")
+    store.ensure_owner(local_env.owner_id)
+    store.add_video(
+        VideoRecord(id=video_id, owner_id=local_env.owner_id, storage_path=path, filename="bad.mp4")
     )
     result = materialize(video_id)
     assert not result.success
     failure = next(e for e in result.all_events if e.is_step_failure)
     assert "is not a video we can decode" in str(failure.step_failure_data.error)
     assert store.scenes(video_id) == []
-    assert store.get_video(video_id).status == "failed"
+    assert (store.get_video(video_id).status, store.get_video(video_id).state) == ("FAILED", "failed")

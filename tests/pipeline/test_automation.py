@@ -175,9 +175,7 @@ def _scene(index: int, vector: np.ndarray | None, version: str = "v1") -> SceneR
         index=index,
         start_s=0,
         end_s=1,
-        keyframe_s=0.5,
-        thumbnail_path="t",
-        thumbnail_sha256="s",
+        thumbnail_url="http://storage.test/storage/v1/object/public/videos/o/v/thumbnails/scene_0.jpg",
         embedding=vector,
         metadata={"model_version": version} if vector is not None else None,
     )

@@ -24,6 +24,7 @@ from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig, serve_in_thread
 from heimdex_clip_assets.pipeline.embed import EmbeddingEngine
+from tests.fixtures.rows import OWNER
 
 SECRET = "engine-test-secret"
 LOOPBACK = LoopbackConfig(latency_s=0.3, secret=SECRET)
@@ -41,15 +42,15 @@ def add_videos(store: VectorStore, storage: Storage, videos: int, scenes: int) -
     owner = {}
     for v in range(videos):
         video_id = str(uuid.uuid4())
-        store.upsert_video(
-            VideoRecord(id=video_id, storage_path=f"videos/{video_id}/v.mp4", status="scenes_ready")
-        )
+        store.ensure_owner(OWNER)
+        path = f"{OWNER}/{video_id}/source.mp4"
+        store.add_video(VideoRecord(id=video_id, owner_id=OWNER, storage_path=path))
         records = []
         for i in range(scenes):
-            path = f"thumbnails/{video_id}/{i}.jpg"
+            path = f"{OWNER}/{video_id}/thumbnails/scene_{i}.jpg"
             storage.upload(path, _jpeg(v * 100 + i), content_type="image/jpeg")
-            records.append(SceneRecord(i, i, i + 1, i + 0.5, path, f"sha-{video_id}-{i}"))
-        store.replace_scenes(video_id, records)
+            records.append(SceneRecord(i, i, i + 1, storage.public_url(path), i + 0.5, f"sha-{video_id}-{i}"))
+        store.insert_scenes(video_id, records)
         owner |= {s.id: video_id for s in store.scenes(video_id)}
     return owner
 
@@ -121,7 +122,7 @@ def test_a_range_run_embeds_every_video_of_the_range(
         sorted(m.partition for m in result.asset_materializations_for_node("scene_clip_embeddings")) == keys
     )
     assert all(e.passed for e in result.get_asset_check_evaluations())
-    assert {store.get_video(k).status for k in keys} == {"embedded"}
+    assert {(store.get_video(k).state, store.get_video(k).status) for k in keys} == {("embedded", "READY")}
     assert httpx.get(f"{loopback}/stats").json()["jobs"] == 2  # 12 scenes of 4 videos, 8 per job
 
 

@@ -23,6 +23,7 @@ from heimdex_clip_assets.pipeline.search import LocalQueryEncoder, QueryEncoder,
 from heimdex_clip_assets.serve.app import create_app
 from heimdex_clip_assets.serve.auth import Authenticator
 from runpod_worker.fetch import FetchPolicy
+from tests.fixtures.rows import clip_metadata
 from tests.worker.conftest import jpeg
 
 if TYPE_CHECKING:
@@ -62,24 +63,21 @@ def add_video(
     video_id = str(uuid.uuid4())
     folder = f"{owner}/{video_id}"
     storage.upload(f"{folder}/{filename}", video, content_type="video/mp4")
-    store.upsert_video(
-        VideoRecord(id=video_id, storage_path=f"{folder}/{filename}", filename=filename, owner_id=owner)
+    store.ensure_owner(owner)
+    store.add_video(
+        VideoRecord(id=video_id, owner_id=owner, storage_path=f"{folder}/{filename}", filename=filename)
     )
     scenes = []
     for i in range(len(phrases)):
         path = f"{folder}/thumbnails/scene_{i}.jpg"
         storage.upload(path, jpeg(seed=i))
-        scenes.append(SceneRecord(i, i * 1.5, (i + 1) * 1.5, i * 1.5 + 0.5, path, f"{uuid.uuid4().hex:0>64}"))
-    store.replace_scenes(video_id, scenes)
-    meta = {
-        "backend": "local",
-        "model_name": "ViT-B-32",
-        "pretrained": "random",
-        "model_version": encoder.model_version,
-        "inference_time_ms": 1.0,
-        "download_ms": 0.0,
-        "total_ms": 1.0,
-    }
+        scenes.append(
+            SceneRecord(
+                i, i * 1.5, (i + 1) * 1.5, storage.public_url(path), i * 1.5 + 0.5, f"{uuid.uuid4().hex:0>64}"
+            )
+        )
+    store.insert_scenes(video_id, scenes)
+    meta = {**clip_metadata(encoder.model_version, "local", 1.0), "pretrained": "random"}
     vectors = encoder.encode_text(phrases)
     store.write_embeddings(video_id, [EmbeddingRow(i, v, meta) for i, v in enumerate(vectors)])
     return Tenant(owner, video_id, filename, [s.id for s in store.scenes(video_id)])  # type: ignore[misc]
