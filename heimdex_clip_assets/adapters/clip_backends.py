@@ -10,10 +10,11 @@ Search queries go to the same place (``services.query_encoder``): the worker's t
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from heimdex_clip_assets.adapters.runpod_client import RunPodClient
+from heimdex_clip_assets.adapters.runpod_client import RemoteEmbedding, RunPodClient
 from heimdex_clip_assets.adapters.weights import check_weights
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_contract.errors import (
@@ -31,6 +32,7 @@ from heimdex_clip_contract.errors import (
     InvalidRequestError,
     ModelMismatchError,
     NotFoundError,
+    RemoteError,
     RequestTimeoutError,
 )
 from heimdex_clip_contract.schema import ImageItem
@@ -42,6 +44,7 @@ if TYPE_CHECKING:  # the encoder imports torch; only the local backend and text 
 DOWNLOAD_THREADS = 8  # thumbnail downloads are I/O bound; the model, not the network, should be the limit
 # One failed job of these means every other job fails the same way: stop instead of logging each scene.
 SYSTEMIC_ERRORS = (AuthError, ModelMismatchError, ConfigError)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,16 @@ class RunPodBackend(ClipBackend):
     device = "runpod"  # the worker's own device is not in its answer
     needs_urls = True
 
-    def __init__(self, client: RunPodClient, storage: Storage, *, pretrained: str, expires_in: int) -> None:
+    def __init__(
+        self,
+        client: RunPodClient,
+        storage: Storage,
+        *,
+        pretrained: str,
+        expires_in: int,
+        request_mode: str = "auto",
+        single_in_flight: int = 8,
+    ) -> None:
         if client.model_name is None or client.model_version is None or client.dim is None:
             raise ConfigError(
                 "RunPodBackend needs a client that knows the expected model name, version and dim"
@@ -151,6 +163,9 @@ class RunPodBackend(ClipBackend):
         self.client = client
         self.storage = storage
         self.expires_in = expires_in
+        # "auto" becomes "batch" or "single" on the first job (RUNPOD_REQUEST_MODE).
+        self.request_mode = request_mode
+        self.single_in_flight = single_in_flight
 
     def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
         started = time.perf_counter()
@@ -172,10 +187,8 @@ class RunPodBackend(ClipBackend):
             fresh = self.storage.create_signed_urls(again, self.expires_in)
             return [ImageItem(fresh[path], i.request_id) for path, i in zip(again, items, strict=True)]
 
-        remote = self.client.embed_batch(
-            [ImageItem(urls[str(images[i].storage_path)], str(images[i].key)) for i in sendable],
-            resign=resign,
-        )
+        items = [ImageItem(urls[str(images[i].storage_path)], str(images[i].key)) for i in sendable]
+        remote = self._embed_items(items, resign)
         # What the pipeline waited per image: the job's round trip shared by its images (signing, queue
         # and network included, unlike the worker's own timings).
         total_ms = (time.perf_counter() - started) * 1000 / len(sendable)
@@ -193,6 +206,41 @@ class RunPodBackend(ClipBackend):
                 )
             )
         return slots
+
+    def _embed_items(
+        self, items: Sequence[ImageItem], resign: Callable[[Sequence[ImageItem]], list[ImageItem]]
+    ) -> Sequence[RemoteEmbedding | ClipError]:
+        if self.request_mode == "single":
+            return self._embed_singly(items)
+        try:
+            remote = self.client.embed_batch(items, resign=resign)
+        except (*SYSTEMIC_ERRORS, RemoteError, InvalidRequestError) as err:
+            if self.request_mode != "auto" or isinstance(err, ModelMismatchError):
+                raise
+            # The guide's worker knows only the single-image request: one probe says whether this is it.
+            try:
+                first = self.client.embed_one(resign(items[:1])[0].image_url, items[0].request_id)
+            except ClipError:
+                raise err from None
+            log.warning("RunPod worker takes single images only (the guide's worker): one job per image")
+            self.request_mode = "single"
+            return [first, *self._embed_singly(resign(items[1:]))]
+        self.request_mode = "batch"
+        return remote
+
+    def _embed_singly(self, items: Sequence[ImageItem]) -> list[RemoteEmbedding | ClipError]:
+        """The guide's request, one job per image, ``single_in_flight`` at once."""
+
+        def one(item: ImageItem) -> RemoteEmbedding | ClipError:
+            try:
+                return self.client.embed_one(item.image_url, item.request_id)
+            except SYSTEMIC_ERRORS:
+                raise
+            except ClipError as err:
+                return err
+
+        with ThreadPoolExecutor(self.single_in_flight, thread_name_prefix="runpod-single") as pool:
+            return list(pool.map(one, items))
 
 
 class LocalBackend(ClipBackend):
@@ -290,6 +338,8 @@ def make_backend(settings: Settings, storage: Storage | None) -> ClipBackend:
             storage,
             pretrained=settings.clip_pretrained,
             expires_in=settings.signed_url_expires_s,
+            request_mode=settings.runpod_request_mode,
+            single_in_flight=settings.clip_batch_size,
         )
     return LocalBackend(settings_encoder(settings), storage, model_version=settings.clip_model_version)
 

@@ -38,7 +38,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from heimdex_clip_contract.codec import encode_embedding
-from heimdex_clip_contract.errors import ClipError, ImageDownloadError, encode_job_error
+from heimdex_clip_contract.errors import ClipError, ImageDownloadError, InvalidRequestError, encode_job_error
 from heimdex_clip_contract.schema import parse_request
 from heimdex_clip_contract.signing import Verifier
 
@@ -55,6 +55,8 @@ class LoopbackConfig:
     model: str = "ViT-B-32"
     pretrained: str = "loopback"
     model_version: str = "loopback-vit-b-32-v1"
+    # The guide's own worker, as its users may still run it: the single-image request only.
+    single_only: bool = False
 
 
 @dataclass
@@ -104,6 +106,8 @@ def create_app(config: LoopbackConfig) -> Starlette:
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
+            if config.single_only and not (isinstance(job_input, dict) and "image_url" in job_input):
+                raise InvalidRequestError("image_url is required")
             request = parse_request(job_input)
             if verifier is not None:
                 verifier.verify(request.message, request.ts, request.sig)
