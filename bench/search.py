@@ -126,6 +126,9 @@ def load_scenes(dsn: str, storage: Storage, rows: int, model_version: str) -> No
     with psycopg.connect(dsn) as conn:
         register_vector(conn)
         conn.execute("SET maintenance_work_mem = '1GB'")
+        with conn.cursor().copy("COPY auth.users (id) FROM STDIN") as copy:  # owner_id references them
+            for owner in owners:
+                copy.write_row((owner,))
         with conn.cursor().copy("COPY videos (id, storage_path, filename, owner_id) FROM STDIN") as copy:
             for i, vid in enumerate(video_ids):
                 copy.write_row(
@@ -137,15 +140,13 @@ def load_scenes(dsn: str, storage: Storage, rows: int, model_version: str) -> No
         conn.execute("DROP INDEX video_scenes_embedding_visual_clip_hnsw_idx")
         t0 = time.perf_counter()
         with conn.cursor().copy(
-            'COPY video_scenes (video_id, "index", start_s, end_s, keyframe_s, thumbnail_path,'
-            " thumbnail_sha256, embedding_visual_clip, visual_clip_metadata) FROM STDIN"
+            'COPY video_scenes (video_id, "index", start_s, end_s, thumbnail_url, embedding_visual_clip,'
+            " visual_clip_metadata) FROM STDIN"
         ) as copy:
             for i, vec in enumerate(vectors):
                 vid, idx = video_ids[i // SCENES_PER_VIDEO], i % SCENES_PER_VIDEO
-                path = f"bench/thumbs/{i % THUMBNAILS}.jpg"
-                copy.write_row(
-                    (vid, idx, idx * 2.0, idx * 2.0 + 2, idx * 2.0 + 1, path, f"{i:064x}", vec, meta)
-                )
+                url = storage.public_url(f"bench/thumbs/{i % THUMBNAILS}.jpg")  # the seed's form
+                copy.write_row((vid, idx, idx * 2.0, idx * 2.0 + 2, url, vec, meta))
         conn.commit()
         load_s = time.perf_counter() - t0
         t0 = time.perf_counter()
