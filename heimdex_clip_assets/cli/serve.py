@@ -67,15 +67,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_serve_parser(command: argparse.ArgumentParser) -> None:
-    command.add_argument("--host", default=LOOPBACK)
-    command.add_argument("--port", type=int, default=8080)
-    command.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     command.add_argument(
-        "--root-path", default="", help="The path prefix a reverse proxy serves this under, e.g. /search"
+        "--host",
+        default=LOOPBACK,
+        help="Address to listen on; without API keys or a JWT secret only loopback (default: %(default)s).",
+    )
+    command.add_argument("--port", type=int, default=8080, help="Port to listen on (default: %(default)s).")
+    command.add_argument(
+        "--workers", type=int, default=1, help="uvicorn worker processes (default: %(default)s)."
+    )
+    command.add_argument(
+        "--root-path",
+        default="",
+        help="The path prefix a reverse proxy serves this under, e.g. /search (default: none)",
     )
     command.add_argument(
         "--forwarded-allow-ips",
         default=LOOPBACK,
-        help="Proxies whose X-Forwarded-* headers are trusted (comma-separated, or *)",
+        help="Proxies whose X-Forwarded-* headers are trusted, comma-separated or * (default: %(default)s)",
     )
     command.set_defaults(func=cmd_serve)
