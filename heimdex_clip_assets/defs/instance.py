@@ -32,61 +32,51 @@ def artifacts_dir() -> str:
     return os.environ.get("DAGSTER_ARTIFACTS_DIR") or str(Settings.from_env().home / "dagster")
 
 
-class HeimdexRunStorage(PostgresRunStorage):
+class _ResolvedHere:
+    """A Dagster instance class whose one setting (a URL or a folder) is resolved here, not configured:
+    ``dagster.yaml`` names the class with no config."""
+
     @classmethod
     def config_type(cls) -> dict[str, Any]:
         return {}
 
     @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData | None, config_value: Any
-    ) -> HeimdexRunStorage:
-        return cls(postgres_url=instance_postgres_url(), inst_data=inst_data)
-
-
-class HeimdexEventLogStorage(PostgresEventLogStorage):
-    @classmethod
-    def config_type(cls) -> dict[str, Any]:
-        return {}
+    def resolved(cls) -> dict[str, str]:
+        raise NotImplementedError
 
     @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData | None, config_value: Any
-    ) -> HeimdexEventLogStorage:
-        return cls(postgres_url=instance_postgres_url(), inst_data=inst_data)
+    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: Any) -> Any:
+        return cls(inst_data=inst_data, **cls.resolved())  # type: ignore[call-arg]
 
 
-class HeimdexScheduleStorage(PostgresScheduleStorage):
+class _InPostgres(_ResolvedHere):
     @classmethod
-    def config_type(cls) -> dict[str, Any]:
-        return {}
+    def resolved(cls) -> dict[str, str]:
+        return {"postgres_url": instance_postgres_url()}
 
+
+class _InArtifactsDir(_ResolvedHere):
     @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData | None, config_value: Any
-    ) -> HeimdexScheduleStorage:
-        return cls(postgres_url=instance_postgres_url(), inst_data=inst_data)
+    def resolved(cls) -> dict[str, str]:
+        return {"base_dir": artifacts_dir()}
 
 
-class HeimdexArtifactStorage(LocalArtifactStorage):
-    @classmethod
-    def config_type(cls) -> dict[str, Any]:
-        return {}
-
-    @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData | None, config_value: Any
-    ) -> HeimdexArtifactStorage:
-        return cls(base_dir=artifacts_dir(), inst_data=inst_data)
+# The mixin comes first so its config_type/from_config_value win over the Dagster class's.
+class HeimdexRunStorage(_InPostgres, PostgresRunStorage):
+    pass
 
 
-class HeimdexComputeLogManager(LocalComputeLogManager):
-    @classmethod
-    def config_type(cls) -> dict[str, Any]:
-        return {}
+class HeimdexEventLogStorage(_InPostgres, PostgresEventLogStorage):
+    pass
 
-    @classmethod
-    def from_config_value(
-        cls, inst_data: ConfigurableClassData | None, config_value: Any
-    ) -> HeimdexComputeLogManager:
-        return cls(base_dir=artifacts_dir(), inst_data=inst_data)
+
+class HeimdexScheduleStorage(_InPostgres, PostgresScheduleStorage):
+    pass
+
+
+class HeimdexArtifactStorage(_InArtifactsDir, LocalArtifactStorage):
+    pass
+
+
+class HeimdexComputeLogManager(_InArtifactsDir, LocalComputeLogManager):
+    pass
