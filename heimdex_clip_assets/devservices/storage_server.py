@@ -19,19 +19,37 @@ the real one lacks:
   ``Authorization: Bearer`` counts (``apikey`` is the gateway's business and is ignored), and a missing
   or invalid token is the anonymous role, which sees no bucket ("Bucket not found");
 - signed URLs carry an HS256 JWT bound to one object and an expiry, with the real messages;
-- uploads are capped at Supabase's default file size limit (50 MiB; ``file_size_limit``) and streamed
-  to disk, never held in memory; bodies that are not JSON objects, fields of the wrong type and
-  ``cacheControl`` with control characters are 400 ``InvalidRequest``.
+- standard uploads are capped at Supabase's default file size limit (50 MiB; ``file_size_limit``) and
+  streamed to disk, never held in memory; bodies that are not JSON objects, fields of the wrong type and
+  ``cacheControl`` with control characters are 400 ``InvalidRequest``;
+- resumable uploads speak TUS 1.0.0 at ``/upload/resumable`` as Supabase's does: ``POST`` with
+  ``Upload-Length``, ``Upload-Metadata`` (base64 ``bucketName``, ``objectName``, ``contentType``,
+  ``cacheControl``) and ``x-upsert`` answers 201 with a ``Location``; ``PATCH`` there with
+  ``Upload-Offset`` and ``Content-Type: application/offset+octet-stream`` appends a chunk, streamed to
+  disk, and answers 204 with the new offset; ``HEAD`` tells the offset (the bytes of an interrupted
+  chunk that arrived stay, as on the real server); the chunk that reaches ``Upload-Length`` makes the
+  object. Errors are the real status with a plain-text body, as its tus routes answer: 404 "Bucket not
+  found", 413 "Maximum size exceeded", 409 "The resource already exists" (no ``x-upsert``) or an offset
+  conflict, 412 for another ``Tus-Resumable``, 415 for another ``Content-Type``.
 
 Differences we keep, each a refusal where the real server would store: keys are files, so a key with
 an empty segment (``a//b``), a segment over 200 bytes, or one that would make an object a folder (``a``
 and ``a/b``) is 400 ``InvalidKey``; the anonymous role sees no bucket at all (row-level policies are
-not modelled); there is no public-object route, resumable upload or image transformation.
+not modelled); there is no public-object route or image transformation. For TUS: every chunk but
+the last must end on a multiple of 6 MiB (``tus_chunk_size``), else 400, where the real server (S3
+backend) buffers odd sizes but Supabase documents 6 MiB as the only chunk size it supports; standard
+uploads stop at ``file_size_limit`` (50 MiB) while TUS takes up to ``resumable_size_limit`` (50 GiB),
+where the real server applies one limit to both (its global or the bucket's ``file_size_limit``), so a
+large video can only come in the way Supabase advises for anything over 6 MB; no creation-with-upload,
+``Upload-Defer-Length``, termination, upload expiry or signed upload URLs; two uploads to one key both
+proceed (the real one's advisory lock answers the second 409) and the last to finish wins.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import fcntl
 import hashlib
 import json
@@ -44,8 +62,8 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,7 +73,7 @@ import httpx
 import jwt
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive
@@ -67,6 +85,12 @@ PREFIX = "/storage/v1"
 JWT_SECRET_ENV = "HEIMDEX_STORAGE_JWT_SECRET"
 # Supabase's default global file size limit (its FILE_SIZE_LIMIT), in bytes.
 DEFAULT_FILE_SIZE_LIMIT = 50 * 1024 * 1024
+# Resumable (TUS) uploads: the protocol version, the only chunk size Supabase accepts (every chunk but
+# the last), and the largest object they take here (the embedded server's; see the module's docstring).
+TUS_VERSION = "1.0.0"
+TUS_CHUNK_SIZE = 6 * 1024 * 1024
+DEFAULT_RESUMABLE_SIZE_LIMIT = 50 * 1024**3
+_TUS_LOCK_WAIT_S = 30.0
 _BUCKET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # A key segment is a file name (plus ".json" for its metadata, and a temp-name prefix and suffix of 38):
 # 200 bytes keeps every one under the usual 255-byte NAME_MAX. 1024 bytes is S3's (and Supabase's) key limit.
@@ -202,19 +226,27 @@ class ObjectStore:
                 raise _invalid_key(key)
         return data, meta
 
-    def put(
-        self, bucket: str, key: str, source: IO[bytes], content_type: str, cache_control: str, upsert: bool
-    ) -> dict[str, Any]:
+    def _target(self, bucket: str, key: str) -> tuple[Path, Path]:
+        """Where ``key``'s bytes and metadata go, refusing keys that cannot be files here (an object
+        cannot also be a folder on disk: "a" then "a/b", or the reverse)."""
         data, meta = self._paths(bucket, key)
         objects = self._bucket_dir(bucket) / "objects"
-        # An object cannot also be a folder on disk: "a" then "a/b" (or the reverse) is refused.
         for parent in data.relative_to(objects).parents:
             if parent != Path(".") and (objects / parent).is_file():
                 raise _invalid_key(key, f" ('{parent}' is an object, so it cannot also be a folder here)")
         if data.is_dir():
             raise _invalid_key(key, " (a folder of other objects, so it cannot also be an object here)")
+        return data, meta
+
+    def exists(self, bucket: str, key: str) -> bool:
+        data, meta = self._paths(bucket, key)
+        return data.is_file() and meta.is_file()
+
+    def put(
+        self, bucket: str, key: str, source: IO[bytes], content_type: str, cache_control: str, upsert: bool
+    ) -> dict[str, Any]:
+        data, _ = self._target(bucket, key)
         data.parent.mkdir(parents=True, exist_ok=True)
-        meta.parent.mkdir(parents=True, exist_ok=True)
         tmp = data.with_name(f".{data.name}.{uuid.uuid4().hex}.tmp")
         md5 = hashlib.md5(usedforsecurity=False)
         size = 0
@@ -224,22 +256,47 @@ class ObjectStore:
                     md5.update(chunk)
                     size += len(chunk)
                     out.write(chunk)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return self.place(
+            bucket, key, tmp, content_type, cache_control, upsert, etag=md5.hexdigest(), size=size
+        )
+
+    def place(
+        self,
+        bucket: str,
+        key: str,
+        source: Path,
+        content_type: str,
+        cache_control: str,
+        upsert: bool,
+        *,
+        etag: str,
+        size: int,
+    ) -> dict[str, Any]:
+        """Make the finished file ``source`` (same filesystem) the object ``key``; ``source`` is gone
+        afterwards, stored or not."""
+        data, meta = self._target(bucket, key)
+        data.parent.mkdir(parents=True, exist_ok=True)
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        try:
             if upsert:
-                os.replace(tmp, data)
+                os.replace(source, data)
             else:
                 try:
-                    os.link(tmp, data)  # fails if the key exists, atomically: no check-then-write race
+                    os.link(source, data)  # fails if the key exists, atomically: no check-then-write race
                 except FileExistsError:
                     raise _duplicate("KeyAlreadyExists") from None
         finally:
-            tmp.unlink(missing_ok=True)
+            source.unlink(missing_ok=True)
         now = _now()
         info = {
             "id": str(uuid.uuid4()),
             "content_type": content_type,
             "cache_control": cache_control,
             "size": size,
-            "etag": md5.hexdigest(),
+            "etag": etag,
             "created_at": now,
             "updated_at": now,
         }
@@ -346,7 +403,16 @@ def _capped(receive: Receive, limit: int) -> Receive:
     return wrapped
 
 
-def create_app(root: Path, jwt_secret: str, *, file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT) -> Starlette:
+def create_app(
+    root: Path,
+    jwt_secret: str,
+    *,
+    file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT,
+    resumable_size_limit: int = DEFAULT_RESUMABLE_SIZE_LIMIT,
+    tus_chunk_size: int = TUS_CHUNK_SIZE,
+) -> Starlette:
+    """``file_size_limit`` caps standard uploads, ``resumable_size_limit`` TUS uploads; ``tus_chunk_size``
+    is Supabase's 6 MiB unless a test asks for smaller chunks."""
     store = ObjectStore(root)
 
     def is_service(request: Request) -> bool:
@@ -535,7 +601,266 @@ def create_app(root: Path, jwt_secret: str, *, file_size_limit: int = DEFAULT_FI
         status, list_buckets, create_bucket, get_bucket, sign_many, sign_one, signed_download, info,
         list_objects, upload_post, upload_put, download, remove,
     ]  # fmt: skip
+    routes += _tus_routes(store, is_service, size_limit=resumable_size_limit, chunk_size=tus_chunk_size)
     return Starlette(routes=routes)
+
+
+# ------------------------------------------------------------------------------ resumable uploads (TUS)
+class TusError(Exception):
+    """A TUS answer as the real server gives one: the real HTTP status and a plain-text body (its TUS
+    routes answer through the tus server, not the JSON error shape of the REST routes)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+    def response(self) -> Response:
+        return Response(
+            self.message,
+            status_code=self.status,
+            media_type="text/plain",
+            headers={"Tus-Resumable": TUS_VERSION},
+        )
+
+
+@dataclass
+class _TusUpload:
+    bucket: str
+    key: str
+    length: int
+    content_type: str
+    cache_control: str
+    upsert: bool
+    created_at: str
+    done: bool = False
+
+
+def _b64url(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _tus_metadata(header: str) -> dict[str, str]:
+    """``Upload-Metadata``: comma-separated ``key base64(value)`` pairs (a key alone means empty)."""
+    out: dict[str, str] = {}
+    for pair in filter(None, (p.strip() for p in header.split(","))):
+        name, _, value = pair.partition(" ")
+        try:
+            out[name] = base64.b64decode(value.strip(), validate=True).decode() if value.strip() else ""
+        except (ValueError, UnicodeDecodeError):
+            raise TusError(
+                400, f"Upload-Metadata value of {name[:64]!r} is not base64 of UTF-8 text"
+            ) from None
+    return out
+
+
+def _md5_file(path: Path) -> str:
+    md5 = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            md5.update(chunk)
+    return md5.hexdigest()
+
+
+def _tus_routes(
+    store: ObjectStore,
+    is_service: Callable[[Request], bool],
+    *,
+    size_limit: int,
+    chunk_size: int,
+) -> list[Route]:
+    """``POST /upload/resumable`` creates an upload, ``HEAD .../{id}`` tells its offset, ``PATCH
+    .../{id}`` appends a chunk streamed to disk; the last chunk turns the upload into the object."""
+    folder = store.root / ".tus"  # bucket names start with a letter or digit: no clash
+    folder.mkdir(exist_ok=True)
+    locks: dict[str, asyncio.Lock] = {}
+    base = PREFIX + "/upload/resumable"
+
+    def paths(version: str) -> tuple[Path, Path]:
+        return folder / f"{version}.json", folder / f"{version}.part"
+
+    def load(upload_id: str) -> tuple[str, _TusUpload]:
+        try:
+            decoded = base64.urlsafe_b64decode(upload_id + "=" * (-len(upload_id) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            decoded = ""
+        version = decoded.rpartition("/")[2]
+        info = paths(version)[0]
+        if not re.fullmatch(r"[0-9a-f]{32}", version) or not info.is_file():
+            raise TusError(404, "The file for this url was not found")
+        return version, _TusUpload(**json.loads(info.read_text()))
+
+    def offset_of(version: str, upload: _TusUpload) -> int:
+        if upload.done:
+            return upload.length
+        try:
+            return paths(version)[1].stat().st_size
+        except FileNotFoundError:  # its last chunk failed to become the object (a 409, say)
+            raise TusError(404, "The file for this url was not found") from None
+
+    def save(version: str, upload: _TusUpload) -> None:
+        _write_atomic(paths(version)[0], json.dumps(asdict(upload)).encode())
+
+    @asynccontextmanager
+    async def locked(version: str) -> AsyncIterator[None]:
+        """One request at a time per upload (the real server takes a Postgres advisory lock): a HEAD or
+        PATCH arriving while an interrupted PATCH is still being written waits for it to finish."""
+        lock = locks.setdefault(version, asyncio.Lock())
+        try:
+            await asyncio.wait_for(lock.acquire(), _TUS_LOCK_WAIT_S)
+        except TimeoutError:
+            raise TusError(423, "the upload is locked by another request; retry later") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def check_version(request: Request) -> None:
+        if request.headers.get("tus-resumable") != TUS_VERSION:
+            raise TusError(412, f"Unsupported TUS version: send Tus-Resumable: {TUS_VERSION}")
+
+    def endpoint(handler: Callable[..., Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        async def run(request: Request) -> Response:
+            try:
+                if not is_service(request):
+                    raise TusError(403, "new row violates row-level security policy")
+                return await handler(request, **request.path_params)
+            except TusError as exc:
+                return exc.response()
+            except ApiError as exc:  # the object store's refusals, in TUS form
+                return TusError(exc.status if exc.status < 500 else 500, exc.message).response()
+
+        return run
+
+    async def finish(version: str, upload: _TusUpload) -> None:
+        part = paths(version)[1]
+        etag = await asyncio.to_thread(_md5_file, part)
+        store.place(
+            upload.bucket, upload.key, part, upload.content_type, upload.cache_control, upload.upsert,
+            etag=etag, size=upload.length,
+        )  # fmt: skip
+        upload.done = True
+        save(version, upload)
+
+    @endpoint
+    async def create(request: Request) -> Response:
+        check_version(request)
+        if request.headers.get("upload-defer-length"):
+            raise TusError(400, "Upload-Defer-Length is not supported: send Upload-Length")
+        length_header = request.headers.get("upload-length", "")
+        if not length_header.isdigit():
+            raise TusError(400, "Upload-Length must be the file's size in bytes")
+        length = int(length_header)
+        meta = _tus_metadata(request.headers.get("upload-metadata", ""))
+        bucket, key = meta.get("bucketName", ""), meta.get("objectName", "")
+        if not bucket or not key:
+            raise TusError(400, "Upload-Metadata must carry bucketName and objectName")
+        if request.headers.get("content-length", "0") not in ("", "0"):
+            raise TusError(400, "creation-with-upload is not supported here: send the data with PATCH")
+        store.bucket(bucket)  # "Bucket not found", 404
+        check_object_path(key)
+        if length > size_limit:
+            raise TusError(413, "Maximum size exceeded")
+        content_type = meta.get("contentType") or "application/octet-stream"
+        cache_control = meta.get("cacheControl") or "3600"
+        if _CONTROL_CHARS.search(content_type) or _CONTROL_CHARS.search(cache_control):
+            raise TusError(400, "contentType and cacheControl must be text without control characters")
+        upsert = request.headers.get("x-upsert", "false").lower() == "true"
+        store._target(bucket, key)  # a key that cannot be an object here fails now, not at the end
+        if not upsert and store.exists(bucket, key):
+            raise TusError(409, "The resource already exists")
+        version = uuid.uuid4().hex
+        upload = _TusUpload(bucket, key, length, content_type, cache_control, upsert, _now())
+        paths(version)[1].touch()
+        save(version, upload)
+        if length == 0:
+            await finish(version, upload)
+        location = f"{str(request.base_url).rstrip('/')}{base}/{_b64url(f'{bucket}/{key}/{version}')}"
+        return Response(status_code=201, headers={"Location": location, "Tus-Resumable": TUS_VERSION})
+
+    @endpoint
+    async def head(request: Request, upload_id: str) -> Response:
+        version, _ = load(upload_id)
+        async with locked(version):
+            upload = load(upload_id)[1]
+            offset = offset_of(version, upload)
+        headers = {
+            "Upload-Offset": str(offset),
+            "Upload-Length": str(upload.length),
+            "Cache-Control": "no-store",
+            "Tus-Resumable": TUS_VERSION,
+        }
+        return Response(status_code=200, headers=headers)
+
+    @endpoint
+    async def patch(request: Request, upload_id: str) -> Response:
+        check_version(request)
+        if request.headers.get("content-type") != "application/offset+octet-stream":
+            raise TusError(415, "Content-Type must be application/offset+octet-stream")
+        offset_header = request.headers.get("upload-offset", "")
+        if not offset_header.isdigit():
+            raise TusError(400, "Upload-Offset must be the byte the chunk starts at")
+        offset = int(offset_header)
+        version, _ = load(upload_id)
+        async with locked(version):
+            upload = load(upload_id)[1]
+            part = paths(version)[1]
+            current = offset_of(version, upload)
+            if offset != current:
+                raise TusError(409, f"Upload-Offset conflict: the upload is at byte {current}")
+
+            def check_end(end: int) -> None:
+                if end > upload.length:
+                    raise TusError(413, f"Upload-Length exceeded: the upload is {upload.length} bytes")
+                if end != upload.length and end % chunk_size:
+                    raise TusError(
+                        400,
+                        f"each chunk must end on a multiple of {chunk_size} bytes (Supabase takes "
+                        f"{chunk_size}-byte chunks) or at the end of the upload; this one ends at {end}",
+                    )
+
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit():
+                check_end(offset + int(declared))  # refused before a byte of the body is read
+            end = offset
+            try:
+                with part.open("r+b") as out:
+                    out.seek(offset)
+                    async for piece in request.stream():
+                        if end + len(piece) > upload.length:
+                            out.truncate(offset)
+                            raise TusError(
+                                413, f"Upload-Length exceeded: the upload is {upload.length} bytes"
+                            )
+                        out.write(piece)
+                        end += len(piece)
+            except ClientDisconnect:
+                # As tus servers do, the bytes that arrived stay: a HEAD tells the client where to resume.
+                return Response(status_code=400)
+            try:
+                check_end(end)
+            except TusError:
+                with part.open("r+b") as out:
+                    out.truncate(offset)
+                raise
+            if end == upload.length:
+                await finish(version, upload)
+        return Response(status_code=204, headers={"Upload-Offset": str(end), "Tus-Resumable": TUS_VERSION})
+
+    async def options(request: Request) -> Response:
+        headers = {
+            "Tus-Resumable": TUS_VERSION,
+            "Tus-Version": TUS_VERSION,
+            "Tus-Extension": "creation",
+            "Tus-Max-Size": str(size_limit),
+        }
+        return Response(status_code=204, headers=headers)
+
+    return [
+        Route(base, create, methods=["POST"]),
+        Route(base, options, methods=["OPTIONS"]),
+        Route(base + "/{upload_id}", head, methods=["HEAD"]),
+        Route(base + "/{upload_id}", patch, methods=["PATCH"]),
+    ]
 
 
 # --------------------------------------------------------------------------------- the shared process
@@ -587,12 +912,18 @@ def _is_service_key(key: str, jwt_secret: str) -> bool:
         return False
 
 
-def ensure_storage_server(home: Path, *, file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT) -> EmbeddedStorage:
+def ensure_storage_server(
+    home: Path,
+    *,
+    file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT,
+    resumable_size_limit: int = DEFAULT_RESUMABLE_SIZE_LIMIT,
+) -> EmbeddedStorage:
     """The state folder's storage server: reused when alive, (re)started otherwise.
 
     Keys persist in the state file (0600) across restarts, so signed URLs and clients made before a
     restart keep working. The server's secret reaches it through its environment, never its argv.
-    ``file_size_limit`` applies when this call starts the server.
+    ``file_size_limit`` (standard uploads) and ``resumable_size_limit`` (TUS) apply when this call starts
+    the server.
     """
     with _locked(home) as folder:
         state = _read_state(folder)
@@ -619,6 +950,8 @@ def ensure_storage_server(home: Path, *, file_size_limit: int = DEFAULT_FILE_SIZ
                     str(port_file),
                     "--file-size-limit",
                     str(file_size_limit),
+                    "--resumable-size-limit",
+                    str(resumable_size_limit),
                 ],
                 env={**os.environ, JWT_SECRET_ENV: jwt_secret},
                 stdin=subprocess.DEVNULL,
@@ -682,7 +1015,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="0: any free port")
     parser.add_argument("--port-file", type=Path, help="write the chosen port here once listening")
     parser.add_argument(
-        "--file-size-limit", type=int, default=DEFAULT_FILE_SIZE_LIMIT, help="largest upload, in bytes"
+        "--file-size-limit",
+        type=int,
+        default=DEFAULT_FILE_SIZE_LIMIT,
+        help="largest standard (single-request) upload, in bytes",
+    )
+    parser.add_argument(
+        "--resumable-size-limit",
+        type=int,
+        default=DEFAULT_RESUMABLE_SIZE_LIMIT,
+        help="largest resumable (TUS) upload, in bytes",
     )
     args = parser.parse_args(argv)
 
@@ -696,7 +1038,12 @@ def main(argv: list[str] | None = None) -> None:
     if JWT_SECRET_ENV not in os.environ:
         key = service_key_for(jwt_secret)
         print(f"SUPABASE_URL=http://{args.host}:{port}\nSUPABASE_SERVICE_ROLE_KEY={key}", flush=True)
-    app = create_app(args.root, jwt_secret, file_size_limit=args.file_size_limit)
+    app = create_app(
+        args.root,
+        jwt_secret,
+        file_size_limit=args.file_size_limit,
+        resumable_size_limit=args.resumable_size_limit,
+    )
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
 
 
