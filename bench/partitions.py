@@ -71,17 +71,16 @@ def main() -> None:
                     video_id = str(uuid.uuid4())
                     store.upsert_video(VideoRecord(id=video_id, storage_path=f"videos/{video_id}/video.mp4"))
                 t0 = time.perf_counter()
-                result = new_videos_sensor(dg.build_sensor_context(instance=instance, resources=RESOURCES))
+                with dg.build_sensor_context(instance=instance, resources=RESOURCES) as context:
+                    result = new_videos_sensor(context)
                 sensor_ms = (time.perf_counter() - t0) * 1000
                 assert isinstance(result, dg.SensorResult) and len(result.run_requests) == 50
                 t0 = time.perf_counter()
-                embedding_backfill_schedule(
-                    dg.build_schedule_context(
-                        instance=instance,
-                        resources=RESOURCES,
-                        scheduled_execution_time=dt.datetime(2026, 1, 1),
-                    )
-                )
+                # Closed by the `with`: the context opens an instance of its own from the ref.
+                with dg.build_schedule_context(
+                    instance=instance, resources=RESOURCES, scheduled_execution_time=dt.datetime(2026, 1, 1)
+                ) as context:
+                    embedding_backfill_schedule(context)
                 schedule_ms = (time.perf_counter() - t0) * 1000
                 total = len(instance.get_dynamic_partitions("videos"))
                 print(

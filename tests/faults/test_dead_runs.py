@@ -91,7 +91,8 @@ def test_the_sensor_frees_a_killed_runs_slot(
     proc.kill()
     proc.wait()
     assert slots_held(instance) == 1
-    dead_runs_sensor(dg.build_sensor_context(instance=instance))
+    with dg.build_sensor_context(instance=instance) as context:
+        dead_runs_sensor(context)
     assert instance.get_run_by_id(killed.run_id).status == dg.DagsterRunStatus.FAILURE
     assert slots_held(instance) == 0
 

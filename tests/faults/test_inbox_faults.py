@@ -102,7 +102,8 @@ def test_a_refused_file_moves_aside_and_the_rest_register_in_the_same_run(
     monkeypatch.setenv("SUPABASE_URL", proxy.url)
 
     with dg.instance_for_test() as instance:
-        assert isinstance(inbox_sensor(dg.build_sensor_context(instance=instance)), dg.RunRequest)
+        with dg.build_sensor_context(instance=instance) as context:
+            assert isinstance(inbox_sensor(context), dg.RunRequest)
         run = (
             defs()
             .resolve_job_def("register_inbox")
@@ -112,7 +113,8 @@ def test_a_refused_file_moves_aside_and_the_rest_register_in_the_same_run(
         assert run.success
         # The run's log (what the UI shows) says which files went aside and why.
         warnings = [r.user_message for r in instance.all_logs(run.run_id) if r.level == logging.WARNING]
-        result = new_videos_sensor(dg.build_sensor_context(instance=instance, resources=RESOURCES))
+        with dg.build_sensor_context(instance=instance, resources=RESOURCES) as context:
+            result = new_videos_sensor(context)
 
     assert isinstance(result, dg.SensorResult)
     assert len(result.run_requests) == 5  # the four awkward names and the plain one, from one run

@@ -28,8 +28,8 @@ RESOURCES = {"db": VectorStoreResource(), "storage": StorageResource(), "clip": 
 
 def _tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult | dg.SkipReason:
     """One evaluation of the new-videos sensor, then what the daemon does with it: add the partitions."""
-    context = dg.build_sensor_context(instance=instance, cursor=cursor, resources=RESOURCES)
-    result = new_videos_sensor(context)
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=RESOURCES) as context:
+        result = new_videos_sensor(context)
     if isinstance(result, dg.SensorResult):
         for request in result.dynamic_partitions_requests or []:
             instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
@@ -37,7 +37,8 @@ def _tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult |
 
 
 def _inbox_tick(instance: dg.DagsterInstance) -> dg.RunRequest | dg.SkipReason:
-    return inbox_sensor(dg.build_sensor_context(instance=instance))
+    with dg.build_sensor_context(instance=instance) as context:
+        return inbox_sensor(context)
 
 
 def _register_inbox(instance: dg.DagsterInstance) -> dg.ExecuteInProcessResult:
@@ -109,10 +110,13 @@ def test_sensor_waits_for_files_still_being_copied(
 
 
 def _evaluate(instance: dg.DagsterInstance) -> list[dg.RunRequest] | dg.SkipReason:
-    context = dg.build_schedule_context(
+    # A `with`: the context opens a DagsterInstance of its own (from the instance's ref), which must be
+    # closed here. Left to the garbage collector, its close would reset Dagster's current defs-state
+    # storage to a disposed instance's at a random later moment ("undefined DagsterInstance weakref").
+    with dg.build_schedule_context(
         instance=instance, resources=RESOURCES, scheduled_execution_time=dt.datetime(2026, 11, 26, 6)
-    )
-    return embedding_backfill_schedule(context)
+    ) as context:
+        return embedding_backfill_schedule(context)
 
 
 def test_schedule_requests_ranges_with_missing_and_stale_embeddings(
