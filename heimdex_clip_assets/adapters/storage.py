@@ -60,6 +60,18 @@ def object_path(url: str, bucket: str) -> str:
     return unquote(path)
 
 
+def resumable_endpoint(base_url: str) -> str:
+    """Supabase's TUS endpoint for a project URL. A hosted project's ``https://<ref>.supabase.co``
+    becomes its direct storage host ``https://<ref>.storage.supabase.co``, which Supabase advises for
+    large uploads; any other URL (self-hosted, the embedded server) is used as it is."""
+    parts = urlsplit(base_url.rstrip("/"))
+    host = parts.hostname or ""
+    ref = host.removesuffix(".supabase.co")
+    if parts.scheme == "https" and host.endswith(".supabase.co") and ref and "." not in ref:
+        parts = parts._replace(netloc=parts.netloc.replace(host, f"{ref}.storage.supabase.co", 1))
+    return f"{parts.geturl()}/storage/v1/upload/resumable"
+
+
 class Storage(Protocol):
     bucket: str
 
@@ -223,7 +235,7 @@ class SupabaseStorage:
         self, path: str, data: bytes | Path, size: int, content_type: str, upsert: bool
     ) -> None:
         what = f"resumable upload of {path}"
-        endpoint = f"{self.url.rstrip('/')}/storage/v1/upload/resumable"
+        endpoint = resumable_endpoint(self.url)
         headers = {"Authorization": f"Bearer {self._key}", "apikey": self._key, "Tus-Resumable": TUS_VERSION}
         fields = {
             "bucketName": self.bucket,

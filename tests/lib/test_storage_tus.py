@@ -23,7 +23,7 @@ import httpx
 import pytest
 import uvicorn
 
-from heimdex_clip_assets.adapters.storage import SupabaseStorage
+from heimdex_clip_assets.adapters.storage import SupabaseStorage, resumable_endpoint
 from heimdex_clip_assets.devservices.storage_server import (
     DEFAULT_FILE_SIZE_LIMIT,
     TUS_CHUNK_SIZE,
@@ -357,3 +357,14 @@ def test_protocol_errors_at_the_server(make_server: Any) -> None:
     assert patch(CHUNK, b"y" * 2 * CHUNK).status_code == 204  # the rest in one piece ending at the end
     assert httpx.head(location, headers=auth).headers["upload-offset"] == str(3 * CHUNK)
     assert httpx.head(endpoint + "/bm9wZQ", headers=auth).status_code == 404
+
+
+def test_hosted_projects_upload_to_the_direct_storage_host() -> None:
+    assert resumable_endpoint("https://abcd1234.supabase.co") == (
+        "https://abcd1234.storage.supabase.co/storage/v1/upload/resumable"
+    )
+    assert resumable_endpoint("https://abcd1234.storage.supabase.co/") == (
+        "https://abcd1234.storage.supabase.co/storage/v1/upload/resumable"
+    )
+    for other in ("http://127.0.0.1:8787", "https://storage.example.com", "https://x.y.supabase.co"):
+        assert resumable_endpoint(other) == f"{other}/storage/v1/upload/resumable"
