@@ -821,6 +821,9 @@ def _tus_routes(
             declared = request.headers.get("content-length", "")
             if declared.isdigit():
                 check_end(offset + int(declared))  # refused before a byte of the body is read
+            if upload.done:  # an empty PATCH at the end of a finished upload: nothing to do
+                headers = {"Upload-Offset": str(upload.length), "Tus-Resumable": TUS_VERSION}
+                return Response(status_code=204, headers=headers)
             end = offset
             try:
                 with part.open("r+b") as out:

@@ -197,6 +197,28 @@ def test_large_file_goes_through_tus_in_whole_chunks(make_server: Any, tmp_path:
     assert httpx.get(signed).headers["content-type"] == "video/mp4"
 
 
+def test_registering_a_video_uploads_it_through_tus(
+    make_server: Any, sample_video: Path, store: Any, tmp_path: Path
+) -> None:
+    """The pipeline's own path: ``register_video`` hands the file to storage, which sends it resumably."""
+    from heimdex_clip_assets.pipeline.register import register_video
+
+    server = make_server()
+    storage = server.client()
+    assert sample_video.stat().st_size > CHUNK
+    owner = "00000000-0000-4000-8000-00000000abcd"
+
+    video_id = register_video(sample_video, store=store, storage=storage, owner_id=owner)
+
+    key = store.get_video(video_id).storage_path
+    assert key == f"{owner}/{video_id}/source.mp4"
+    [create] = [s for s in server.requests("POST") if s.path == "/storage/v1/upload/resumable"]
+    assert metadata(create.headers["upload-metadata"])["objectName"] == key
+    assert sum(p.body for p in server.requests("PATCH")) == sample_video.stat().st_size
+    storage.download_to(key, tmp_path / "back.mp4")
+    assert (tmp_path / "back.mp4").read_bytes() == sample_video.read_bytes()
+
+
 def test_small_file_keeps_the_standard_upload(make_server: Any, tmp_path: Path) -> None:
     server = make_server()
     storage = server.client()
@@ -356,6 +378,8 @@ def test_protocol_errors_at_the_server(make_server: Any) -> None:
     )
     assert patch(CHUNK, b"y" * 2 * CHUNK).status_code == 204  # the rest in one piece ending at the end
     assert httpx.head(location, headers=auth).headers["upload-offset"] == str(3 * CHUNK)
+    assert patch(3 * CHUNK, b"").status_code == 204  # a finished upload takes nothing more
+    assert patch(3 * CHUNK, b"z").status_code == 413
     assert httpx.head(endpoint + "/bm9wZQ", headers=auth).status_code == 404
 
 
