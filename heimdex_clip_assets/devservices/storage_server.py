@@ -26,8 +26,8 @@ the real one lacks:
   ``Upload-Length``, ``Upload-Metadata`` (base64 ``bucketName``, ``objectName``, ``contentType``,
   ``cacheControl``) and ``x-upsert`` answers 201 with a ``Location``; ``PATCH`` there with
   ``Upload-Offset`` and ``Content-Type: application/offset+octet-stream`` appends a chunk, streamed to
-  disk, and answers 204 with the new offset; ``HEAD`` tells the offset (the bytes of an interrupted
-  chunk that arrived stay, as on the real server); the chunk that reaches ``Upload-Length`` makes the
+  disk, and answers 204 with the new offset; ``HEAD`` tells the offset (what the server had read of an
+  interrupted chunk stays, as on the real server); the chunk that reaches ``Upload-Length`` makes the
   object. Errors are the real status with a plain-text body, as its tus routes answer: 404 "Bucket not
   found", 413 "Maximum size exceeded", 409 "The resource already exists" (no ``x-upsert``) or an offset
   conflict, 412 for another ``Tus-Resumable``, 415 for another ``Content-Type``.
