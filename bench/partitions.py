@@ -28,7 +28,8 @@ from heimdex_clip_assets.defs.resources import ClipInferenceResource, StorageRes
 from heimdex_clip_assets.defs.schedules import embedding_backfill_schedule
 from heimdex_clip_assets.defs.sensors import new_videos_sensor
 
-RESOURCES = {"db": VectorStoreResource(), "storage": StorageResource(), "clip": ClipInferenceResource()}
+STORAGE = StorageResource()
+RESOURCES = {"db": VectorStoreResource(), "storage": STORAGE, "clip": ClipInferenceResource(storage=STORAGE)}
 BATCH = 10_000
 
 

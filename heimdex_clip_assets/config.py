@@ -1,32 +1,37 @@
-"""Pipeline settings, read from the environment once and validated.
+"""The pipeline's settings: one typed class, the guide's variable names, validated once per process.
 
-Names are the seed's (``CLIP_INFERENCE_BACKEND``, ``RUNPOD_*``, ``EMBEDDING_HMAC_SECRET``, ...); new ones
+Names are the guide's (``CLIP_INFERENCE_BACKEND``, ``RUNPOD_*``, ``EMBEDDING_HMAC_SECRET``, ...); new ones
 follow the same style. Unset service settings mean "embedded": no ``DATABASE_URL`` starts an embedded
-PostgreSQL, no ``SUPABASE_URL`` starts the embedded storage server, both under ``HEIMDEX_HOME``.
-A bad value is a :class:`ConfigError` naming the variable and what it accepts.
+PostgreSQL, no ``SUPABASE_URL`` starts the embedded storage server, both under ``HEIMDEX_HOME``. A bad
+value is a :class:`ConfigError` naming the variable, in one sentence. The model, weights, precision and
+secret fields are shared with the worker (:class:`heimdex_clip_contract.settings.ClipSettings`).
+
+A bad ``RUNPOD_*`` value must not stop what does not use RunPod (database reads, a sensor tick, the code
+location loading): it is kept aside and raised by :meth:`Settings.require_runpod`, where a RunPod client
+is made.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib.util
 import json
-import math
 import os
 import re
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from heimdex_clip_contract.errors import ConfigError
-from heimdex_clip_contract.schema import MAX_BATCH_ITEMS, derive_model_version
+from heimdex_clip_contract.schema import MAX_BATCH_ITEMS
+from heimdex_clip_contract.settings import ClipSettings, CommaList, env_names, read
 
 Backend = Literal["runpod", "local", "off"]
-BACKENDS: tuple[str, ...] = ("runpod", "local", "off")
 DEFAULT_RUNPOD_BASE_URL = "https://api.runpod.ai/v2"
+DEFAULT_BACKFILL_CRON = "0 * * * *"
 # Images per job: the worker takes up to 512 and a GPU needs hundreds to stay busy; on a CPU a forward
 # pass of 32 already uses every core, and bigger ones only hold more memory.
 DEFAULT_BATCH_SIZE = {"runpod": 256, "local": 32, "off": 32}
@@ -35,70 +40,12 @@ DEFAULT_MAX_IN_FLIGHT = 3
 # How images go to the RunPod worker: batch jobs (ours), the guide's single-image jobs (a worker its users
 # already run), or auto: batches, falling back to single images once if the worker does not speak them.
 RequestMode = Literal["auto", "batch", "single"]
-REQUEST_MODES: tuple[str, ...] = ("auto", "batch", "single")
 # Who owns what `add-video` and the inbox register when HEIMDEX_OWNER_ID is unset: a local user, which a
 # fresh database's stand-in auth.users gets on first use (on Supabase, set a real user's id).
 LOCAL_OWNER_ID = "00000000-0000-4000-8000-00000000000a"
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
-
-
-def _get(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name)
-    if value is None:
-        return None
-    value = value.strip()  # the seed's troubleshooting: stray whitespace/newlines in pasted secrets
-    return value or None
-
-
-def env_bool(env: Mapping[str, str], name: str, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    value = raw.strip().lower()
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean; use true or false")
-
-
-def env_number(env: Mapping[str, str], name: str, default: float, *, minimum: float = 0) -> float:
-    raw = _get(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number") from None
-    if not math.isfinite(value):  # nan passes every comparison, inf makes timeouts endless
-        raise ConfigError(f"{name}={raw!r} must be a finite number")
-    if value < minimum:
-        raise ConfigError(f"{name}={raw!r} must be at least {minimum:g}")
-    return value
-
-
-def env_int(env: Mapping[str, str], name: str, default: int, *, minimum: int = 0) -> int:
-    value = env_number(env, name, default, minimum=minimum)
-    if value != int(value):
-        raise ConfigError(f"{name}={value!r} must be a whole number")
-    return int(value)
-
-
 # postgres:// or postgresql:// (a +driver suffix allowed), or libpq's key=value form ("host=... dbname=...").
 _POSTGRES_URL = re.compile(r"postgres(ql)?(\+\w+)?://.*|(\s*\w+\s*=.*)", re.DOTALL)
-
-
-def _postgres_url(env: Mapping[str, str], name: str) -> str | None:
-    """A connection string, checked for its form only (the value may hold a password: never echoed)."""
-    value = _get(env, name)
-    if value is not None and not _POSTGRES_URL.fullmatch(value):
-        raise ConfigError(
-            f"{name} is not a Postgres connection URL; use postgresql://USER:PASSWORD@HOST:5432/DBNAME, "
-            "or unset it for the embedded database"
-        )
-    return value
 
 
 def parse_user_id(raw: str, name: str) -> str:
@@ -132,45 +79,111 @@ def model_dim(model_name: str) -> int:
     return int(config["embed_dim"])
 
 
-@dataclass(frozen=True)
-class Settings:
-    home: Path
-    database_url: str | None
-    supabase_url: str | None
-    supabase_key: str | None
-    bucket: str
-    signed_url_expires_s: int
-    clip_backend: Backend
-    clip_model_name: str
-    clip_pretrained: str
-    clip_model_version: str
-    clip_precision: str | None
-    clip_batch_size: int
-    runpod_max_in_flight: int
-    runpod_api_key: str | None
-    runpod_endpoint_id: str | None
-    runpod_base_url: str
-    runpod_endpoint_url: str | None
-    runpod_timeout_s: float
-    runpod_max_retries: int
-    hmac_secret: str | None
-    inbox_dir: Path
-    inbox_settle_s: float
-    sensor_max_runs: int
-    backfill_cron: str
-    storage_file_size_limit: int
-    search_api_keys: tuple[str, ...]
-    supabase_jwt_secret: str | None
-    search_cache_size: int
-    search_video_url_expires_s: int
-    max_image_size_bytes: int
-    partitions_per_run: int
-    owner_id: str
-    runpod_request_mode: RequestMode
+class Settings(ClipSettings):
+    home: Path = Field(Path(".heimdex"), validation_alias="HEIMDEX_HOME")
+    # Checked for its form only: the value may hold a password, so it is never echoed.
+    database_url: str | None = Field(None, validation_alias="DATABASE_URL", repr=False)
+    supabase_url: str | None = Field(None, validation_alias="SUPABASE_URL")
+    supabase_key: str | None = Field(None, validation_alias="SUPABASE_SERVICE_ROLE_KEY", repr=False)
+    bucket: str = Field("videos", validation_alias="SUPABASE_BUCKET")
+    signed_url_expires_s: int = Field(300, ge=10, validation_alias="SIGNED_URL_EXPIRES_S")
+    clip_backend: Backend = Field("local", validation_alias="CLIP_INFERENCE_BACKEND")
+    clip_enabled: bool = Field(True, validation_alias="CLIP_ENABLED")
+    # Unset: DEFAULT_BATCH_SIZE for the backend.
+    clip_batch_size: int = Field(0, ge=1, validation_alias="CLIP_BATCH_SIZE", validate_default=False)
+    runpod_max_in_flight: int = Field(DEFAULT_MAX_IN_FLIGHT, ge=1, validation_alias="RUNPOD_MAX_IN_FLIGHT")
+    runpod_api_key: str | None = Field(None, validation_alias="RUNPOD_API_KEY", repr=False)
+    runpod_endpoint_id: str | None = Field(None, validation_alias="RUNPOD_CLIP_ENDPOINT_ID")
+    runpod_base_url: str = Field(DEFAULT_RUNPOD_BASE_URL, validation_alias="RUNPOD_ENDPOINT_BASE_URL")
+    runpod_endpoint_url: str | None = Field(None, validation_alias="RUNPOD_CLIP_ENDPOINT_URL")
+    runpod_timeout_s: float = Field(60.0, ge=1, allow_inf_nan=False, validation_alias="RUNPOD_TIMEOUT_S")
+    runpod_max_retries: int = Field(3, ge=0, validation_alias="RUNPOD_MAX_RETRIES")
+    runpod_request_mode: RequestMode = Field("auto", validation_alias="RUNPOD_REQUEST_MODE")
+    inbox_dir: Path | None = Field(None, validation_alias="HEIMDEX_INBOX_DIR")
+    inbox_settle_s: float = Field(10.0, ge=0, allow_inf_nan=False, validation_alias="HEIMDEX_INBOX_SETTLE_S")
+    sensor_max_runs: int = Field(50, ge=1, validation_alias="HEIMDEX_SENSOR_MAX_RUNS")
+    backfill_cron: str = Field(DEFAULT_BACKFILL_CRON, validation_alias="HEIMDEX_BACKFILL_CRON")
+    partitions_per_run: int = Field(100, ge=1, validation_alias="HEIMDEX_PARTITIONS_PER_RUN")
+    owner_id: str = Field(LOCAL_OWNER_ID, validation_alias="HEIMDEX_OWNER_ID")
+    # The embedded storage server's upload cap; Supabase's default global limit is 50 MiB.
+    storage_file_size_limit: int = Field(
+        50 * 1024 * 1024, ge=1, validation_alias="HEIMDEX_STORAGE_FILE_SIZE_LIMIT"
+    )
+    # `heimdex-clip serve`: bearer keys (comma-separated, for rotation) and Supabase users' tokens
+    search_api_keys: CommaList = Field((), validation_alias="SEARCH_API_KEYS", repr=False)
+    supabase_jwt_secret: str | None = Field(None, validation_alias="SUPABASE_JWT_SECRET", repr=False)
+    search_cache_size: int = Field(1024, ge=0, validation_alias="SEARCH_CACHE_SIZE")
+    search_video_url_expires_s: int = Field(3600, ge=10, validation_alias="SEARCH_VIDEO_URL_EXPIRES_S")
+    max_image_size_bytes: int = Field(10 * 1024 * 1024, ge=1024, validation_alias="MAX_IMAGE_SIZE_BYTES")
 
-    def replace(self, **changes: object) -> Settings:
+    _runpod_error: ConfigError | None = PrivateAttr(None)
+
+    @field_validator("clip_backend", "runpod_request_mode", mode="before")
+    @classmethod
+    def _lowercase(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not _POSTGRES_URL.fullmatch(value):
+            raise ValueError(
+                "DATABASE_URL is not a Postgres connection URL; use "
+                "postgresql://USER:PASSWORD@HOST:5432/DBNAME, or unset it for the embedded database"
+            )
+        return value
+
+    @field_validator("owner_id")
+    @classmethod
+    def _user_id(cls, value: str) -> str:
+        try:
+            return str(uuid.UUID(value))
+        except ValueError:
+            raise ValueError("not a UUID; use a user id from auth.users") from None
+
+    @model_validator(mode="after")
+    def _derive(self) -> Settings:
+        if self.supabase_url and not self.supabase_key:
+            raise ValueError("SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not; set both")
+        home = self.home.expanduser().resolve()
+        # The guide: CLIP_ENABLED=false disables CLIP whatever the backend says.
+        backend = self.clip_backend if self.clip_enabled else "off"
+        batch = self.clip_batch_size or DEFAULT_BATCH_SIZE[backend]
+        if backend == "runpod" and batch > MAX_BATCH_ITEMS:
+            raise ValueError(
+                f"CLIP_BATCH_SIZE={batch} is more than the worker takes in one job ({MAX_BATCH_ITEMS}); "
+                f"use {DEFAULT_BATCH_SIZE['runpod']}"
+            )
+        derived = {
+            "home": home,
+            "inbox_dir": (self.inbox_dir or home / "inbox").expanduser().resolve(),
+            "clip_backend": backend,
+            "clip_batch_size": batch,
+            "supabase_url": self.supabase_url.rstrip("/") if self.supabase_url else None,
+            "runpod_base_url": self.runpod_base_url.rstrip("/"),
+            "runpod_endpoint_url": (self.runpod_endpoint_url or "").rstrip("/") or None,
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+        return self
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, *, backend: str | None = None) -> Settings:
+        """The settings of ``env`` (default: this process's environment), parsed once per distinct
+        environment; ``backend`` overrides ``CLIP_INFERENCE_BACKEND`` (a CLI flag, a run's config) and
+        goes through the same validation."""
+        env = os.environ if env is None else env
+        values = {name: env[name] for name in env_names(cls) if name in env}
+        if backend:
+            values["CLIP_INFERENCE_BACKEND"] = backend
+        # The working directory is part of the key: a relative HEIMDEX_HOME resolves against it.
+        return _parse(tuple(sorted(values.items())), os.getcwd())
+
+    def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed (a CLI flag, a run's config)."""
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        copy = self.model_copy(update=changes)
+        copy._runpod_error = self._runpod_error
+        return copy
 
     @property
     def max_in_flight(self) -> int:
@@ -190,90 +203,6 @@ class Settings:
     def embedded_storage(self) -> bool:
         return self.supabase_url is None
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, *, backend: str | None = None) -> Settings:
-        """Read and validate the settings; ``backend`` overrides ``CLIP_INFERENCE_BACKEND`` (a CLI flag,
-        a run's config) and goes through the same validation."""
-        env = os.environ if env is None else env
-        if backend:
-            env = {**env, "CLIP_INFERENCE_BACKEND": backend}
-        home = Path(_get(env, "HEIMDEX_HOME") or ".heimdex").expanduser().resolve()
-
-        backend = (_get(env, "CLIP_INFERENCE_BACKEND") or "local").lower()
-        if backend not in BACKENDS:
-            raise ConfigError(f"CLIP_INFERENCE_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
-        if not env_bool(env, "CLIP_ENABLED", True):
-            backend = "off"  # the seed: CLIP_ENABLED=false disables CLIP whatever the backend says
-
-        supabase_url = _get(env, "SUPABASE_URL")
-        supabase_key = _get(env, "SUPABASE_SERVICE_ROLE_KEY")
-        if supabase_url and not supabase_key:
-            raise ConfigError("SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is not; set both")
-
-        precision = (_get(env, "CLIP_PRECISION") or "").lower() or None
-        if precision not in (None, "fp32", "bf16", "fp16"):
-            raise ConfigError(f"CLIP_PRECISION={precision!r} is not one of fp32, bf16, fp16")
-
-        request_mode = (_get(env, "RUNPOD_REQUEST_MODE") or "auto").lower()
-        if request_mode not in REQUEST_MODES:
-            raise ConfigError(
-                f"RUNPOD_REQUEST_MODE={request_mode!r} is not one of {', '.join(REQUEST_MODES)}"
-            )
-
-        owner = _get(env, "HEIMDEX_OWNER_ID")
-        model_name = _get(env, "CLIP_MODEL_NAME") or "ViT-B-32"
-        pretrained = _get(env, "CLIP_PRETRAINED") or "openai"
-        settings = cls(
-            home=home,
-            database_url=_postgres_url(env, "DATABASE_URL"),
-            supabase_url=supabase_url.rstrip("/") if supabase_url else None,
-            supabase_key=supabase_key,
-            bucket=_get(env, "SUPABASE_BUCKET") or "videos",
-            signed_url_expires_s=env_int(env, "SIGNED_URL_EXPIRES_S", 300, minimum=10),
-            clip_backend=backend,  # type: ignore[arg-type]
-            clip_model_name=model_name,
-            clip_pretrained=pretrained,
-            clip_model_version=_get(env, "CLIP_MODEL_VERSION")
-            or derive_model_version(model_name, pretrained),
-            clip_precision=precision,
-            clip_batch_size=env_int(env, "CLIP_BATCH_SIZE", DEFAULT_BATCH_SIZE[backend], minimum=1),
-            runpod_max_in_flight=env_int(env, "RUNPOD_MAX_IN_FLIGHT", DEFAULT_MAX_IN_FLIGHT, minimum=1),
-            runpod_api_key=_get(env, "RUNPOD_API_KEY"),
-            runpod_endpoint_id=_get(env, "RUNPOD_CLIP_ENDPOINT_ID"),
-            runpod_base_url=(_get(env, "RUNPOD_ENDPOINT_BASE_URL") or DEFAULT_RUNPOD_BASE_URL).rstrip("/"),
-            runpod_endpoint_url=(_get(env, "RUNPOD_CLIP_ENDPOINT_URL") or "").rstrip("/") or None,
-            runpod_timeout_s=env_number(env, "RUNPOD_TIMEOUT_S", 60.0, minimum=1),
-            runpod_max_retries=env_int(env, "RUNPOD_MAX_RETRIES", 3),
-            hmac_secret=_get(env, "EMBEDDING_HMAC_SECRET"),
-            inbox_dir=Path(_get(env, "HEIMDEX_INBOX_DIR") or home / "inbox").expanduser().resolve(),
-            inbox_settle_s=env_number(env, "HEIMDEX_INBOX_SETTLE_S", 10.0),
-            sensor_max_runs=env_int(env, "HEIMDEX_SENSOR_MAX_RUNS", 50, minimum=1),
-            backfill_cron=_get(env, "HEIMDEX_BACKFILL_CRON") or "0 * * * *",
-            # The embedded storage server's upload cap; Supabase's default global limit is 50 MiB.
-            storage_file_size_limit=env_int(
-                env, "HEIMDEX_STORAGE_FILE_SIZE_LIMIT", 50 * 1024 * 1024, minimum=1
-            ),
-            # `heimdex-clip serve`: bearer keys (comma-separated, for rotation) and Supabase users' tokens
-            search_api_keys=tuple(
-                k.strip() for k in (_get(env, "SEARCH_API_KEYS") or "").split(",") if k.strip()
-            ),
-            supabase_jwt_secret=_get(env, "SUPABASE_JWT_SECRET"),
-            search_cache_size=env_int(env, "SEARCH_CACHE_SIZE", 1024),
-            search_video_url_expires_s=env_int(env, "SEARCH_VIDEO_URL_EXPIRES_S", 3600, minimum=10),
-            max_image_size_bytes=env_int(env, "MAX_IMAGE_SIZE_BYTES", 10 * 1024 * 1024, minimum=1024),
-            partitions_per_run=env_int(env, "HEIMDEX_PARTITIONS_PER_RUN", 100, minimum=1),
-            owner_id=parse_user_id(owner, "HEIMDEX_OWNER_ID") if owner else LOCAL_OWNER_ID,
-            runpod_request_mode=request_mode,  # type: ignore[arg-type]
-        )
-        if settings.clip_backend == "runpod" and settings.clip_batch_size > MAX_BATCH_ITEMS:
-            raise ConfigError(
-                f"CLIP_BATCH_SIZE={settings.clip_batch_size} is more than the worker takes in one job "
-                f"({MAX_BATCH_ITEMS}); use {DEFAULT_BATCH_SIZE['runpod']}"
-            )
-        # RunPod's credentials are checked where a RunPod client is made, not here: reading the database
-        # or storage (a sensor tick, `search`) must not fail on settings it does not use.
-        return settings
-
     @property
     def runpod_url(self) -> str:
         """Where jobs go: ``RUNPOD_CLIP_ENDPOINT_URL`` (e.g. a local ``--rp_serve_api`` worker, which
@@ -281,6 +210,9 @@ class Settings:
         return self.runpod_endpoint_url or f"{self.runpod_base_url}/{self.runpod_endpoint_id}"
 
     def require_runpod(self) -> None:
+        """Raise the bad or missing RunPod setting, where a RunPod client is made."""
+        if self._runpod_error is not None:
+            raise self._runpod_error
         required = [("EMBEDDING_HMAC_SECRET", self.hmac_secret)]
         if not self.runpod_endpoint_url:  # RunPod's cloud: a local worker needs neither
             required += [
@@ -293,3 +225,28 @@ class Settings:
                 f"CLIP_INFERENCE_BACKEND=runpod needs {', '.join(missing)}; set them, or use "
                 "CLIP_INFERENCE_BACKEND=local"
             )
+
+
+@functools.lru_cache(maxsize=32)
+def _parse(items: tuple[tuple[str, str], ...], cwd: str) -> Settings:
+    env = dict(items)
+    try:
+        return read(Settings, env)
+    except ConfigError as exc:
+        # Only RunPod's settings wrong: the rest still works; RunPod fails where it is used.
+        runpod = {name for name in env if name.startswith("RUNPOD_")}
+        if not runpod:
+            raise
+        try:
+            settings = read(Settings, {k: v for k, v in env.items() if k not in runpod})
+        except ConfigError:
+            raise exc from None
+        settings._runpod_error = exc
+        return settings
+
+
+def backfill_cron(env: Mapping[str, str] | None = None) -> str:
+    """``HEIMDEX_BACKFILL_CRON`` alone: read when the code location loads, where no other setting (a bad
+    ``RUNPOD_TIMEOUT_S``, say) may stop it."""
+    env = os.environ if env is None else env
+    return env.get("HEIMDEX_BACKFILL_CRON", "").strip() or DEFAULT_BACKFILL_CRON

@@ -1,135 +1,90 @@
 """Worker settings, read once from the environment and validated at start.
 
-Names follow the seed's Configuration Reference; the additions (secret rotation, host allowlist, the
-explicit escape hatches) use the same style. A bad value stops the worker at start with a message
-naming the variable, rather than failing every job later.
+Names follow the guide's Configuration Reference; the additions (secret rotation, host allowlist, the
+explicit escape hatches) use the same style. The model, weights, precision and secret variables are the
+pipeline's too (:class:`heimdex_clip_contract.settings.ClipSettings`). A bad value stops the worker at
+start with a sentence naming the variable, rather than failing every job later.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, model_validator
 
 from heimdex_clip_contract.errors import ConfigError
-from heimdex_clip_contract.schema import derive_model_version
+from heimdex_clip_contract.settings import ClipSettings, comma_list, read
 from heimdex_clip_contract.signing import DEFAULT_AUTH_WINDOW_S, SIGNATURE_VERSIONS
 
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
-PRECISIONS = ("fp32", "fp16", "bf16")
-DEVICES = ("cpu", "cuda")
 
-
-def _str(env: Mapping[str, str], name: str, default: str) -> str:
-    return (env.get(name) or default).strip()
-
-
-def _bool(env: Mapping[str, str], name: str) -> bool:
-    raw = env.get(name, "").strip().lower()
-    if raw in _TRUE:
-        return True
-    if raw in _FALSE:
-        return False
-    raise ConfigError(f"{name} must be true or false, got {raw!r}")
-
-
-def _number(env: Mapping[str, str], name: str, default: float, *, integer: bool, maximum: float) -> float:
-    """A finite number in (0, maximum]: nan, inf and absurd values stop the worker at start."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a {'whole ' if integer else ''}number, got {raw!r}") from None
-    if not math.isfinite(value) or not 0 < value <= maximum:
-        raise ConfigError(f"{name} must be a number greater than 0 and at most {maximum:g}, got {raw!r}")
+def _hosts(value: Any) -> Any:
+    if isinstance(value, str):
+        return tuple(h.lower().rstrip(".") for h in comma_list(value))
     return value
 
 
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str | None:
-    raw = env.get(name, "").strip().lower()
-    if not raw or raw == "auto":
-        return None
-    if raw not in choices:
-        raise ConfigError(f"{name} must be one of auto, {', '.join(choices)}; got {raw!r}")
-    return raw
+def _device(value: Any) -> Any:
+    if isinstance(value, str):
+        value = value.strip().lower()
+        return None if value in ("", "auto") else value
+    return value
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    hmac_secrets: tuple[str, ...]
-    allow_insecure_no_auth: bool = False
-    model_name: str = "ViT-B-32"
-    pretrained: str = "openai"
-    model_version: str = ""
-    precision: str | None = None
-    device: str | None = None
-    max_image_bytes: int = 10 * 1024 * 1024
-    download_timeout_s: float = 30.0
-    auth_window_s: int = DEFAULT_AUTH_WINDOW_S
-    host_allowlist: tuple[str, ...] = ()
-    allow_private_hosts: bool = False
-    download_concurrency: int = 16
-    job_concurrency: int = 4
-    auth_min_version: int = 1
+class WorkerConfig(ClipSettings):
+    hmac_secret_previous: str | None = Field(
+        None, validation_alias="EMBEDDING_HMAC_SECRET_PREVIOUS", repr=False
+    )
+    allow_insecure_no_auth: bool = Field(False, validation_alias="WORKER_ALLOW_INSECURE_NO_AUTH")
+    device: Annotated[Literal["cpu", "cuda"] | None, BeforeValidator(_device)] = Field(
+        None, validation_alias="CLIP_DEVICE"
+    )
+    max_image_bytes: int = Field(10 * 1024 * 1024, gt=0, le=2**30, validation_alias="MAX_IMAGE_SIZE_BYTES")
+    download_timeout_s: float = Field(
+        30.0, gt=0, le=3600, allow_inf_nan=False, validation_alias="IMAGE_DOWNLOAD_TIMEOUT"
+    )
+    auth_window_s: int = Field(
+        DEFAULT_AUTH_WINDOW_S, gt=0, le=3600, validation_alias="AUTH_TIME_WINDOW_SECONDS"
+    )
+    host_allowlist: Annotated[tuple[str, ...], BeforeValidator(_hosts)] = Field(
+        (), validation_alias="IMAGE_HOST_ALLOWLIST"
+    )
+    allow_private_hosts: bool = Field(False, validation_alias="IMAGE_ALLOW_PRIVATE_HOSTS")
+    download_concurrency: int = Field(16, gt=0, le=1024, validation_alias="IMAGE_DOWNLOAD_CONCURRENCY")
+    job_concurrency: int = Field(4, gt=0, le=256, validation_alias="WORKER_CONCURRENCY")
+    # 2 refuses the guide's unsigned-fields forms (image_url|ts and the old batch message).
+    auth_min_version: int = Field(
+        1,
+        ge=min(SIGNATURE_VERSIONS),
+        le=max(SIGNATURE_VERSIONS),
+        validation_alias="AUTH_MIN_SIGNATURE_VERSION",
+    )
 
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> WorkerConfig:
-        """Build and validate; raises :class:`ConfigError` naming the first bad variable."""
-        # Secrets are used exactly as given apart from surrounding whitespace: the seed's
-        # troubleshooting lists a stray newline in the secret as a classic cause of auth failures.
-        secrets = tuple(
-            s
-            for s in (
-                env.get("EMBEDDING_HMAC_SECRET", "").strip(),
-                env.get("EMBEDDING_HMAC_SECRET_PREVIOUS", "").strip(),
-            )
-            if s
-        )
-        insecure = _bool(env, "WORKER_ALLOW_INSECURE_NO_AUTH")
-        if "EMBEDDING_HMAC_SECRET_PREVIOUS" in env and not env.get("EMBEDDING_HMAC_SECRET", "").strip():
-            raise ConfigError("EMBEDDING_HMAC_SECRET_PREVIOUS is set but EMBEDDING_HMAC_SECRET is empty")
-        if not secrets and not insecure:
-            raise ConfigError(
+    @model_validator(mode="after")
+    def _check_auth(self) -> WorkerConfig:
+        if self.hmac_secret_previous and not self.hmac_secret:
+            raise ValueError("EMBEDDING_HMAC_SECRET_PREVIOUS is set but EMBEDDING_HMAC_SECRET is empty")
+        if not self.hmac_secrets and not self.allow_insecure_no_auth:
+            raise ValueError(
                 "EMBEDDING_HMAC_SECRET is not set: the worker refuses unauthenticated jobs. Set it to the "
                 "caller's secret (python3 -c 'import secrets; print(secrets.token_hex(32))'), or for local "
                 "development only set WORKER_ALLOW_INSECURE_NO_AUTH=true"
             )
-        model_name = _str(env, "CLIP_MODEL_NAME", "ViT-B-32")
-        pretrained = _str(env, "CLIP_PRETRAINED", "openai")
-        allowlist = tuple(
-            h.strip().lower().rstrip(".") for h in env.get("IMAGE_HOST_ALLOWLIST", "").split(",") if h.strip()
+        # Insecure mode only where there is no secret: a configured secret is always enforced.
+        object.__setattr__(
+            self, "allow_insecure_no_auth", self.allow_insecure_no_auth and not self.hmac_secrets
         )
-        return cls(
-            hmac_secrets=secrets,
-            allow_insecure_no_auth=insecure and not secrets,
-            model_name=model_name,
-            pretrained=pretrained,
-            model_version=_str(env, "CLIP_MODEL_VERSION", "") or derive_model_version(model_name, pretrained),
-            precision=_choice(env, "CLIP_PRECISION", PRECISIONS),
-            device=_choice(env, "CLIP_DEVICE", DEVICES),
-            max_image_bytes=int(
-                _number(env, "MAX_IMAGE_SIZE_BYTES", cls.max_image_bytes, integer=True, maximum=2**30)
-            ),
-            download_timeout_s=_number(
-                env, "IMAGE_DOWNLOAD_TIMEOUT", cls.download_timeout_s, integer=False, maximum=3600
-            ),
-            auth_window_s=int(
-                _number(env, "AUTH_TIME_WINDOW_SECONDS", cls.auth_window_s, integer=True, maximum=3600)
-            ),
-            auth_min_version=int(
-                _number(env, "AUTH_MIN_SIGNATURE_VERSION", 1, integer=True, maximum=max(SIGNATURE_VERSIONS))
-            ),
-            host_allowlist=allowlist,
-            allow_private_hosts=_bool(env, "IMAGE_ALLOW_PRIVATE_HOSTS"),
-            download_concurrency=int(
-                _number(
-                    env, "IMAGE_DOWNLOAD_CONCURRENCY", cls.download_concurrency, integer=True, maximum=1024
-                )
-            ),
-            job_concurrency=int(
-                _number(env, "WORKER_CONCURRENCY", cls.job_concurrency, integer=True, maximum=256)
-            ),
-        )
+        return self
+
+    @property
+    def hmac_secrets(self) -> tuple[str, ...]:
+        """The secrets a signature may match: the current one and, during a rotation, the previous."""
+        return tuple(s for s in (self.hmac_secret, self.hmac_secret_previous) if s)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> WorkerConfig:
+        """Build and validate; raises :class:`ConfigError` naming the first bad variable."""
+        return read(cls, env)
+
+
+__all__ = ["ConfigError", "WorkerConfig"]

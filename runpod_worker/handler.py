@@ -64,11 +64,11 @@ class WorkerState:
                 "jobs. Never deploy this. !!!"
             )
         encoder = encoder or ClipEncoder.load(
-            config.model_name,
-            config.pretrained,
+            config.clip_model_name,
+            config.clip_pretrained,
             device=config.device,
-            precision=config.precision,
-            model_version=config.model_version,
+            precision=config.clip_precision,
+            model_version=config.clip_model_version,
         )
         verifier = (
             Verifier(config.hmac_secrets, config.auth_window_s, config.auth_min_version)

@@ -172,12 +172,11 @@ def scene_keyframes(
 def scene_clip_embeddings(
     context: dg.AssetExecutionContext,
     db: VectorStoreResource,
-    storage: StorageResource,
     clip: ClipInferenceResource,
 ) -> dg.MaterializeResult:
     settings = clip.settings()
     with _failure_says_what_to_do():
-        backend = clip.get(storage.get())
+        backend = clip.get()
         if not backend.enabled:
             context.log.warning(
                 "CLIP is off (CLIP_INFERENCE_BACKEND=off or CLIP_ENABLED=false): scenes stay without "

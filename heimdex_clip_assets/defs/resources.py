@@ -61,17 +61,19 @@ class StorageResource(dg.ConfigurableResource):
 class ClipInferenceResource(dg.ConfigurableResource):
     """Where CLIP runs: ``runpod`` (GPU worker), ``local`` (in-process CPU) or ``off``.
 
-    Chosen by ``CLIP_INFERENCE_BACKEND`` (``CLIP_ENABLED=false`` also means off), with the seed's
-    ``RUNPOD_*``, ``EMBEDDING_HMAC_SECRET`` and ``CLIP_MODEL_*`` variables.
+    Chosen by ``CLIP_INFERENCE_BACKEND`` (``CLIP_ENABLED=false`` also means off), with the guide's
+    ``RUNPOD_*``, ``EMBEDDING_HMAC_SECRET`` and ``CLIP_MODEL_*`` variables. It holds the storage resource:
+    the RunPod worker fetches thumbnails through signed URLs made there.
     """
 
+    storage: StorageResource
     backend: str | None = Field(default=None, description="Overrides CLIP_INFERENCE_BACKEND for this run.")
 
     def settings(self) -> Settings:
         return Settings.from_env(backend=self.backend)
 
-    def get(self, storage: Storage) -> ClipBackend:
-        return services.clip_backend(self.settings(), storage)
+    def get(self) -> ClipBackend:
+        return services.clip_backend(self.settings(), self.storage.get())
 
     def preload(self) -> None:
         """Start loading the in-process model (local backend) without waiting for it."""
@@ -82,11 +84,12 @@ class ClipInferenceResource(dg.ConfigurableResource):
 def resources() -> dg.Definitions:
     # One video per run and one process per run: the multiprocess executor would add ~3 s per step for
     # no gain. Runs for different videos still overlap, up to the run queue's limit.
+    storage = StorageResource()
     return dg.Definitions(
         resources={
             "db": VectorStoreResource(),
-            "storage": StorageResource(),
-            "clip": ClipInferenceResource(),
+            "storage": storage,
+            "clip": ClipInferenceResource(storage=storage),
         },
         executor=dg.in_process_executor,
     )

@@ -3,7 +3,7 @@
 import dagster as dg
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
-from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.config import backfill_cron
 
 from .assets import PARTITIONS_PER_RUN, embed_job
 from .partitions import videos_partitions
@@ -21,7 +21,7 @@ ACTIVE = [
 @dg.schedule(
     job=embed_job,
     # Read when the code location loads: change HEIMDEX_BACKFILL_CRON and reload to reschedule.
-    cron_schedule=Settings.from_env().backfill_cron,
+    cron_schedule=backfill_cron(),
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description="Re-embeds every video whose scenes lack an embedding or carry another "
     "CLIP_MODEL_VERSION: one run per range of HEIMDEX_PARTITIONS_PER_RUN videos that has work, all "

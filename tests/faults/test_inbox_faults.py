@@ -25,7 +25,8 @@ from heimdex_clip_assets.defs.sensors import inbox_sensor, new_videos_sensor
 from heimdex_clip_assets.devservices.storage_server import EmbeddedStorage
 from heimdex_clip_assets.pipeline.register import VIDEO_ID_NAMESPACE, file_sha256
 
-RESOURCES = {"db": VectorStoreResource(), "storage": StorageResource(), "clip": ClipInferenceResource()}
+STORAGE = StorageResource()
+RESOURCES = {"db": VectorStoreResource(), "storage": STORAGE, "clip": ClipInferenceResource(storage=STORAGE)}
 # Names a storage key cannot hold, as users' files do have them.
 AWKWARD = ["back\\slash.mp4", "%ff.mp4", "new\nline.mp4", "x" * 226 + ".mp4"]
 

@@ -23,7 +23,8 @@ from heimdex_clip_assets.defs.schedules import embedding_backfill_schedule
 from heimdex_clip_assets.defs.sensors import inbox_sensor, new_videos_sensor
 from heimdex_clip_assets.domain import checks
 
-RESOURCES = {"db": VectorStoreResource(), "storage": StorageResource(), "clip": ClipInferenceResource()}
+STORAGE = StorageResource()
+RESOURCES = {"db": VectorStoreResource(), "storage": STORAGE, "clip": ClipInferenceResource(storage=STORAGE)}
 
 
 def _tick(instance: dg.DagsterInstance, cursor: str | None) -> dg.SensorResult | dg.SkipReason:

@@ -10,7 +10,11 @@ from runpod_worker.config import ConfigError, WorkerConfig
 def test_defaults_match_the_seed() -> None:
     cfg = WorkerConfig.from_env({"EMBEDDING_HMAC_SECRET": " s \n"})
     assert cfg.hmac_secrets == ("s",)
-    assert (cfg.model_name, cfg.pretrained, cfg.model_version) == ("ViT-B-32", "openai", "openai-vit-b-32-v1")
+    assert (cfg.clip_model_name, cfg.clip_pretrained, cfg.clip_model_version) == (
+        "ViT-B-32",
+        "openai",
+        "openai-vit-b-32-v1",
+    )
     assert (cfg.max_image_bytes, cfg.download_timeout_s, cfg.auth_window_s) == (10485760, 30.0, 120)
     assert cfg.host_allowlist == () and not cfg.allow_private_hosts and not cfg.allow_insecure_no_auth
 
@@ -36,7 +40,7 @@ def test_rotation_and_allowlist() -> None:
     )
     assert cfg.hmac_secrets == ("new", "old")
     assert cfg.host_allowlist == ("abc.supabase.co", ".example.com")
-    assert cfg.model_version == "my-weights-vit-b-32-v1" and cfg.precision == "bf16"
+    assert cfg.clip_model_version == "my-weights-vit-b-32-v1" and cfg.clip_precision == "bf16"
 
 
 @pytest.mark.parametrize(
