@@ -10,6 +10,8 @@ import pytest
 from dagster_postgres import PostgresRunStorage
 from psycopg.conninfo import conninfo_to_dict
 
+from heimdex_clip_assets.devservices.postgres import embedded_postgres
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -56,11 +58,11 @@ def test_code_location_validates_without_warnings(dagster_yaml_env: dict[str, st
     assert "Warning" not in loaded.stderr, loaded.stderr
 
 
-def _bare_env(tmp_path: Path) -> dict[str, str]:
+def _bare_env(home: Path) -> dict[str, str]:
     """What a Dagster user's shell has: no DAGSTER_* or project variables (a tmp HEIMDEX_HOME keeps the
     embedded services out of the repository)."""
     env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH", "HF_HUB_OFFLINE") if k in os.environ}
-    return {**env, "HEIMDEX_HOME": str(tmp_path / "home")}
+    return {**env, "HEIMDEX_HOME": str(home)}
 
 
 @pytest.mark.parametrize(
@@ -72,15 +74,18 @@ def _bare_env(tmp_path: Path) -> dict[str, str]:
     ids=["dagster-definitions-validate", "dg-check-defs"],
 )
 def test_plain_dagster_commands_work_in_the_repo_root_with_no_variables(
-    tmp_path: Path, command: list[str], passed: str
+    embedded_home: Path, command: list[str], passed: str
 ) -> None:
     argv = (
         [sys.executable, *command]
         if command[0] == "-m"
         else [str(Path(sys.executable).parent / "dg"), *command[1:]]
     )
-    result = subprocess.run(
-        argv, env=_bare_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=180
-    )
-    assert passed in result.stdout + result.stderr, result.stdout + result.stderr
-    assert "DAGSTER_PG_URL" not in result.stdout + result.stderr
+    try:
+        result = subprocess.run(
+            argv, env=_bare_env(embedded_home), cwd=ROOT, capture_output=True, text=True, timeout=180
+        )
+        assert passed in result.stdout + result.stderr, result.stdout + result.stderr
+        assert "DAGSTER_PG_URL" not in result.stdout + result.stderr
+    finally:
+        embedded_postgres(embedded_home).stop()  # the instance started it there

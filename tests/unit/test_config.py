@@ -89,3 +89,23 @@ def test_parsed_once_per_process_and_environment(monkeypatch: pytest.MonkeyPatch
     assert Settings.from_env() is first and first.clip_batch_size == 7
     monkeypatch.setenv("CLIP_BATCH_SIZE", "8")
     assert Settings.from_env().clip_batch_size == 8
+
+
+def test_secrets_and_urls_with_passwords_are_never_echoed() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"DATABASE_URL": "mysql://root:hunter2@db/x"})
+    assert info.value.message.startswith("DATABASE_URL is not a Postgres connection URL; use postgresql://")
+    assert "hunter2" not in info.value.message
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"SEARCH_API_KEYS": "k", "HEIMDEX_OWNER_ID": "alice"})
+    assert info.value.message == (
+        "HEIMDEX_OWNER_ID='alice' is invalid: not a UUID; use a user id from auth.users"
+    )
+
+
+def test_batch_size_follows_the_backend_unless_set() -> None:
+    assert Settings.from_env({"CLIP_INFERENCE_BACKEND": "runpod"}).clip_batch_size == 256
+    assert Settings.from_env({}).clip_batch_size == 32
+    with pytest.raises(ConfigError, match=r"^CLIP_BATCH_SIZE=600 is more than the worker takes"):
+        Settings.from_env({"CLIP_INFERENCE_BACKEND": "runpod", "CLIP_BATCH_SIZE": "600"})
+    assert Settings.from_env({"RUNPOD_REQUEST_MODE": "Single"}).runpod_request_mode == "single"
