@@ -151,7 +151,7 @@ def test_smoke_runpod(cli_env: dict[str, str], worker_url: str, worker_secret: s
         (
             ["smoke"],
             {"CLIP_INFERENCE_BACKEND": "gpu"},
-            "CLIP_INFERENCE_BACKEND='gpu' is invalid: Input should be",
+            "CLIP_INFERENCE_BACKEND='gpu' is invalid: input should be 'runpod', 'local' or 'off'",
         ),
         (["add-video", "/no/such/file.mp4"], {}, "No such file"),
         (["search"], {}, "Give a text query or --image"),
