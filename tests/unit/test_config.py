@@ -11,7 +11,7 @@ import pytest
 
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_contract.errors import ConfigError
-from heimdex_clip_contract.settings import ClipSettings
+from heimdex_clip_contract.settings import ClipSettings, env_names
 from runpod_worker.config import WorkerConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,3 +109,9 @@ def test_batch_size_follows_the_backend_unless_set() -> None:
     with pytest.raises(ConfigError, match=r"^CLIP_BATCH_SIZE=600 is more than the worker takes"):
         Settings.from_env({"CLIP_INFERENCE_BACKEND": "runpod", "CLIP_BATCH_SIZE": "600"})
     assert Settings.from_env({"RUNPOD_REQUEST_MODE": "Single"}).runpod_request_mode == "single"
+
+
+def test_every_pipeline_variable_is_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in env_names(Settings) if f"`{name}`" not in readme]
+    assert not missing, f"README's Configuration table lacks {missing}"
