@@ -1,11 +1,15 @@
-"""Thin Dagster resources over the ``lib`` objects.
+"""Thin Dagster resources over the pipeline's adapters, configured by the typed settings.
 
-Every field defaults to ``None``, meaning "take the seed's environment variable" (``DATABASE_URL``,
+Every field defaults to ``None``, meaning "take the guide's environment variable" (``DATABASE_URL``,
 ``SUPABASE_URL``, ``CLIP_INFERENCE_BACKEND``, ...), so switching embedded -> real services or
-local -> RunPod needs no code change; a run's config in the launchpad can still override one run.
+local -> RunPod needs no code change; a run's config in the launchpad can still override one run. Where
+one of the fields' variables is set, the field is a ``dg.EnvVar``: the UI shows where the value comes
+from, and never the value (``DATABASE_URL`` holds a password).
 The heavy objects (the database connection info, the storage client, the CLIP model) are built once per
 process by ``heimdex_clip_assets.services`` and shared by every step and run in it.
 """
+
+import os
 
 import dagster as dg
 from pydantic import Field
@@ -80,16 +84,21 @@ class ClipInferenceResource(dg.ConfigurableResource):
         services.preload_encoder(self.settings())
 
 
+def _env_var(name: str) -> dg.EnvVar | None:
+    """``dg.EnvVar(name)`` where the variable is set, else ``None`` (the typed settings' default)."""
+    return dg.EnvVar(name) if os.environ.get(name, "").strip() else None
+
+
 @dg.definitions
 def resources() -> dg.Definitions:
     # One video per run and one process per run: the multiprocess executor would add ~3 s per step for
     # no gain. Runs for different videos still overlap, up to the run queue's limit.
-    storage = StorageResource()
+    storage = StorageResource(bucket=_env_var("SUPABASE_BUCKET"))
     return dg.Definitions(
         resources={
-            "db": VectorStoreResource(),
+            "db": VectorStoreResource(database_url=_env_var("DATABASE_URL")),
             "storage": storage,
-            "clip": ClipInferenceResource(storage=storage),
+            "clip": ClipInferenceResource(storage=storage, backend=_env_var("CLIP_INFERENCE_BACKEND")),
         },
         executor=dg.in_process_executor,
     )

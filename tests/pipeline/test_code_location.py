@@ -89,3 +89,13 @@ def test_plain_dagster_commands_work_in_the_repo_root_with_no_variables(
         assert "DAGSTER_PG_URL" not in result.stdout + result.stderr
     finally:
         embedded_postgres(embedded_home).stop()  # the instance started it there
+
+
+def test_resources_show_where_a_set_variable_comes_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    from heimdex_clip_assets.defs.resources import resources
+
+    monkeypatch.setenv("DATABASE_URL", "postgresql://user:secret@db.example/x")
+    monkeypatch.delenv("SUPABASE_BUCKET", raising=False)
+    db, storage = (resources().resources[name] for name in ("db", "storage"))
+    assert db.database_url == dg.EnvVar("DATABASE_URL")  # the UI shows the name, never the password
+    assert storage.bucket is None  # unset: the typed settings' default
