@@ -68,14 +68,9 @@ def clip_env(args: argparse.Namespace, folder: Path) -> dict[str, str]:
     downloaded here, and random weights cost the same compute as real ones)."""
     checkpoint = args.checkpoint or os.environ.get("CLIP_PRETRAINED")
     if not checkpoint:
-        import open_clip
-        import torch
-        from safetensors.torch import save_file
+        from heimdex_clip_assets.devservices.synthetic import random_checkpoint
 
-        torch.manual_seed(0)
-        model = open_clip.create_model("ViT-B-32", pretrained=None)
-        checkpoint = str(folder / "vit-b-32-random.safetensors")
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
+        checkpoint = str(random_checkpoint(folder / "vit-b-32-random.safetensors"))
     return {
         "CLIP_INFERENCE_BACKEND": "local",
         "CLIP_MODEL_NAME": "ViT-B-32",

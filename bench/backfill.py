@@ -32,7 +32,6 @@ runs it all on a GPU machine.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import subprocess
 import sys
@@ -42,10 +41,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import psycopg
 from _common import isolated_home, load_note, timed
-from PIL import Image
 
 from heimdex_clip_assets import services
 from heimdex_clip_assets.adapters.clip_backends import RunPodBackend
@@ -54,26 +51,19 @@ from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig
+from heimdex_clip_assets.devservices.net import NotReadyError, port_file_url, wait_until
+from heimdex_clip_assets.devservices.synthetic import jpeg
 from heimdex_clip_assets.pipeline.embed import EmbeddingEngine, EngineReport
 
 TODAY_BATCH, TODAY_IN_FLIGHT = 32, 1
 TARGET_RATIO, TARGET_SPEEDUP = 0.8, 10.0
 
 
-def thumbnail(seed: int, size: tuple[int, int]) -> bytes:
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (9, 16, 3), dtype=np.uint8)  # smooth, so a real decoder has work but the
-    image = Image.fromarray(small).resize(size, Image.BILINEAR)  # file stays thumbnail-sized
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
-
-
 def populate(
     store: VectorStore, storage: Storage, videos: int, per_video: int, size: tuple[int, int]
 ) -> list[str]:
     """Videos with ``per_video`` scenes each, a distinct thumbnail per scene (no cache hits)."""
-    jpegs = [thumbnail(i, size) for i in range(64)]
+    jpegs = [jpeg(*size, seed=i, quality=85) for i in range(64)]
     ids = [str(uuid.UUID(int=v + 1)) for v in range(videos)]
 
     def one(v: int) -> None:
@@ -106,18 +96,16 @@ def start_loopback(
     ]
     cmd += ["--latency-ms", str(latency_ms)] + (["--fetch"] if fetch else [])
     proc = subprocess.Popen(cmd, env={**os.environ, "EMBEDDING_HMAC_SECRET": secret})
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if port_file.exists() and (port := port_file.read_text().strip()):
-            url = f"http://127.0.0.1:{port}"
-            try:
-                httpx.get(f"{url}/stats", timeout=1)
-                return proc, url
-            except httpx.TransportError:
-                pass
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the loopback worker did not start")
+    try:
+        return proc, wait_until(
+            "the loopback worker",
+            lambda: port_file_url(port_file, "/stats", any_status=True),
+            timeout_s=30,
+            proc=proc,
+        )
+    except NotReadyError:
+        proc.kill()
+        raise
 
 
 def drop_hnsw(store: VectorStore) -> list[str]:

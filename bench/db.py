@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import psycopg
@@ -25,10 +26,37 @@ from heimdex_clip_assets.services import resolve_database_url
 
 DIM = 512
 SCENES_PER_VIDEO = 100
+HNSW_INDEX = "video_scenes_embedding_visual_clip_hnsw_idx"
 QUERY_SQL = (
     "SELECT id FROM video_scenes WHERE embedding_visual_clip IS NOT NULL"
     " ORDER BY embedding_visual_clip <=> %s LIMIT 10"
 )
+
+
+def bulk_load(
+    conn: psycopg.Connection, copy_sql: str, rows: Iterable[Sequence[object]], types: list[str] | None = None
+) -> tuple[float, float]:
+    """``COPY`` ``rows`` into video_scenes as a bulk load should: loading into an HNSW-indexed table is
+    ~100x slower than loading first, so the index is dropped, the rows copied, and the index rebuilt
+    exactly as the migration defines it (then ANALYZE). Returns (load seconds, index build seconds)."""
+    conn.execute("SET maintenance_work_mem = '1GB'")  # the whole graph fits: no slow on-disk phase
+    index_def = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = %s", (HNSW_INDEX,)).fetchone()
+    conn.execute(f"DROP INDEX {HNSW_INDEX}")
+    t0 = time.perf_counter()
+    with conn.cursor().copy(copy_sql) as copy:
+        if types:
+            copy.set_types(types)
+        for row in rows:
+            copy.write_row(row)
+    conn.commit()
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    conn.execute(index_def[0])  # type: ignore[index]
+    conn.commit()
+    build_s = time.perf_counter() - t0
+    conn.execute("ANALYZE video_scenes")
+    conn.commit()
+    return load_s, build_s
 
 
 def clustered_vectors(rng: np.random.Generator, n: int, centers: np.ndarray) -> np.ndarray:
@@ -69,37 +97,26 @@ def run(dsn: str, rows: int, queries: int, ef_values: list[int]) -> None:
     # sequential-scan plan after they are back on.
     with psycopg.connect(dsn, prepare_threshold=None) as conn:
         register_vector(conn)
-        conn.execute("SET maintenance_work_mem = '1GB'")  # the whole graph fits: no slow on-disk phase
         conn.execute("SET max_parallel_maintenance_workers = 1")  # leader + 1 worker = the 2 cores
         owner = uuid.uuid4()
         conn.execute("INSERT INTO auth.users (id) VALUES (%s)", (owner,))
         with conn.cursor().copy("COPY videos (id, owner_id, storage_path) FROM STDIN") as copy:
             for vid in videos:
                 copy.write_row((vid, owner, f"{owner}/{vid}/source.mp4"))
-        # Loading into an HNSW-indexed table is ~100x slower than loading first, so a bulk load drops
-        # the index and rebuilds it, exactly as the migration defines it.
-        index_def = conn.execute(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'video_scenes_embedding_visual_clip_hnsw_idx'"
-        ).fetchone()[0]
-        conn.execute("DROP INDEX video_scenes_embedding_visual_clip_hnsw_idx")
-        t0 = time.perf_counter()
-        with conn.cursor().copy(
-            'COPY video_scenes (video_id, "index", start_s, end_s, thumbnail_url, embedding_visual_clip)'
-            " FROM STDIN WITH (FORMAT BINARY)"
-        ) as copy:
-            copy.set_types(["uuid", "int4", "float8", "float8", "text", "vector"])
+
+        def scenes() -> Iterator[tuple[object, ...]]:
             for i, vec in enumerate(data):
                 vid, idx = videos[i // SCENES_PER_VIDEO], i % SCENES_PER_VIDEO
                 url = f"http://x/storage/v1/object/public/videos/{owner}/{vid}/thumbnails/scene_{idx}.jpg"
-                copy.write_row((vid, idx, idx, idx + 1.0, url, vec))
-        conn.commit()
-        load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        conn.execute(index_def)
-        conn.commit()
-        build_s = time.perf_counter() - t0
-        conn.execute("ANALYZE video_scenes")
-        conn.commit()
+                yield (vid, idx, idx, idx + 1.0, url, vec)
+
+        load_s, build_s = bulk_load(
+            conn,
+            'COPY video_scenes (video_id, "index", start_s, end_s, thumbnail_url, embedding_visual_clip)'
+            " FROM STDIN WITH (FORMAT BINARY)",
+            scenes(),
+            ["uuid", "int4", "float8", "float8", "text", "vector"],
+        )
         print(f"rows {rows}, dim {DIM}: COPY {load_s:.2f} s ({rows / load_s:,.0f} rows/s)")
         print(f"HNSW build (m 16, ef_construction 64, 1 worker + leader): {build_s:.1f} s")
 

@@ -22,13 +22,12 @@ import argparse
 import asyncio
 import itertools
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -36,13 +35,15 @@ import httpx
 import numpy as np
 import psycopg
 from _common import clip_env, isolated_home, load_note
-from db import DIM, SCENES_PER_VIDEO, clustered_vectors
+from db import DIM, SCENES_PER_VIDEO, bulk_load, clustered_vectors
 from pgvector.psycopg import register_vector
 from psycopg.types.json import Jsonb
 
 from heimdex_clip_assets import services
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.devservices.net import NotReadyError, answers, free_port, wait_until
+from heimdex_clip_assets.devservices.synthetic import jpeg
 
 ROOT = Path(__file__).resolve().parents[1]
 THUMBNAILS = 2000
@@ -114,7 +115,7 @@ def load_scenes(dsn: str, storage: Storage, rows: int, model_version: str) -> No
     vectors = clustered_vectors(rng, rows, centers)
     video_ids = [uuid.uuid4() for _ in range(videos)]
     owners = [uuid.uuid4() for _ in range(10)]
-    data = _tiny_jpeg()
+    data = jpeg(480, 270, quality=80)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: storage.upload(f"bench/thumbs/{i}.jpg", data), range(THUMBNAILS)))
@@ -125,7 +126,6 @@ def load_scenes(dsn: str, storage: Storage, rows: int, model_version: str) -> No
     meta = Jsonb({"backend": "local", "model_version": model_version})
     with psycopg.connect(dsn) as conn:
         register_vector(conn)
-        conn.execute("SET maintenance_work_mem = '1GB'")
         with conn.cursor().copy("COPY auth.users (id) FROM STDIN") as copy:  # owner_id references them
             for owner in owners:
                 copy.write_row((owner,))
@@ -134,39 +134,22 @@ def load_scenes(dsn: str, storage: Storage, rows: int, model_version: str) -> No
                 copy.write_row(
                     (vid, f"bench/videos/{vid}.mp4", f"video-{i:05d}.mp4", owners[i % len(owners)])
                 )
-        index_def = conn.execute(
-            "SELECT indexdef FROM pg_indexes WHERE indexname = 'video_scenes_embedding_visual_clip_hnsw_idx'"
-        ).fetchone()[0]
-        conn.execute("DROP INDEX video_scenes_embedding_visual_clip_hnsw_idx")
-        t0 = time.perf_counter()
-        with conn.cursor().copy(
-            'COPY video_scenes (video_id, "index", start_s, end_s, thumbnail_url, embedding_visual_clip,'
-            " visual_clip_metadata) FROM STDIN"
-        ) as copy:
+
+        def scenes() -> Iterator[tuple[object, ...]]:
             for i, vec in enumerate(vectors):
                 vid, idx = video_ids[i // SCENES_PER_VIDEO], i % SCENES_PER_VIDEO
                 url = storage.public_url(f"bench/thumbs/{i % THUMBNAILS}.jpg")  # the seed's form
-                copy.write_row((vid, idx, idx * 2.0, idx * 2.0 + 2, url, vec, meta))
-        conn.commit()
-        load_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        conn.execute(index_def)
-        conn.execute("ANALYZE video_scenes")
-        conn.commit()
-        build_s = time.perf_counter() - t0
+                yield (vid, idx, idx * 2.0, idx * 2.0 + 2, url, vec, meta)
+
+        load_s, build_s = bulk_load(
+            conn,
+            'COPY video_scenes (video_id, "index", start_s, end_s, thumbnail_url, embedding_visual_clip,'
+            " visual_clip_metadata) FROM STDIN",
+            scenes(),
+        )
         print(
             f"scenes: {rows:,} in {videos:,} videos loaded in {load_s:.1f} s, HNSW built in {build_s:.1f} s"
         )
-
-
-def _tiny_jpeg() -> bytes:
-    import io
-
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (480, 270), (90, 120, 160)).save(buf, "JPEG", quality=80)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------------------------------- timing
@@ -218,23 +201,17 @@ def row(name: str, latencies: np.ndarray, wall: float) -> float:
 
 
 def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "heimdex_clip_assets.cli", "serve", "--port", str(port), "--keep-services"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise SystemExit(f"serve exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        if time.monotonic() > deadline:
-            raise SystemExit("serve did not answer within 120 s")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.TransportError:
-            time.sleep(0.3)
+    try:
+        wait_until("serve", lambda: answers(f"{base}/healthz"), timeout_s=120, proc=proc, interval_s=0.3)
+    except NotReadyError as exc:
+        raise SystemExit(
+            f"{exc}: {proc.stderr.read().decode() if exc.exited is not None and proc.stderr else ''}"
+        ) from None
+    return proc, base
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import itertools
 import os
 import sys
@@ -22,35 +21,19 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from heimdex_clip_assets.devservices.image_server import ImageServer
+from heimdex_clip_assets.devservices.synthetic import jpeg
 from heimdex_clip_contract.schema import ImageItem, build_batch_request, build_single_request
 from runpod_worker.config import WorkerConfig
 from runpod_worker.encoder import ClipEncoder
 from runpod_worker.handler import Fetched, WorkerState, handle_input
-from tests.fixtures.worker import ImageServer
 
 SECRET = "bench-secret"
-
-
-def make_jpegs(count: int, width: int, height: int) -> list[bytes]:
-    """Frame-like JPEGs: smooth gradients with mild noise (pure noise decodes unrealistically slowly)."""
-    rng = np.random.default_rng(0)
-    x = np.linspace(0, 1, width, dtype=np.float32)[None, :]
-    y = np.linspace(0, 1, height, dtype=np.float32)[:, None]
-    out = []
-    for i in range(count):
-        rgb = np.stack([(x * (i + 1) + y) % 1, (y * 2 + x * i / 3) % 1, (x * y * (i + 2)) % 1], axis=-1)
-        pixels = np.clip(rgb * 255 + rng.normal(0, 6, rgb.shape), 0, 255).astype(np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, "JPEG", quality=85)
-        out.append(buf.getvalue())
-    return out
 
 
 def rate(images: int, fn: Callable[[], object], repeats: int) -> float:
@@ -65,7 +48,7 @@ def rate(images: int, fn: Callable[[], object], repeats: int) -> float:
 def decoded_on_device(encoder: ClipEncoder, images: Sequence[bytes]) -> object:
     """Bytes -> preprocessed tensors on the encoder's device, waiting for the device to finish."""
     if encoder.device.type == "cuda":
-        out: object = encoder._decode_cuda(images)
+        out: object = encoder.decode_batch(images)
         torch.cuda.synchronize(encoder.device)
         return out
     return [encoder.decode(b) for b in images]
@@ -95,7 +78,7 @@ def main() -> None:
     encoder = ClipEncoder.load(pretrained=pretrained, device=args.device, precision=args.precision)
     config = WorkerConfig.from_env({"EMBEDDING_HMAC_SECRET": SECRET, "IMAGE_ALLOW_PRIVATE_HOSTS": "true"})
     state = WorkerState.create(config, encoder)
-    unique = make_jpegs(16, width, height)
+    unique = [jpeg(width, height, seed=i, quality=85) for i in range(16)]
     images = [unique[i % len(unique)] for i in range(batch)]
     mean_kb = sum(len(b) for b in unique) / len(unique) / 1024
     print(f"device={encoder.device} precision={encoder.precision} size={width}x{height} jpeg~{mean_kb:.0f}KB")

@@ -21,11 +21,9 @@ import asyncio
 import hashlib
 import os
 import socket
-import threading
 import uuid
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -37,6 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from heimdex_clip_assets.devservices import net
 from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import ClipError, ImageDownloadError, InvalidRequestError, encode_job_error
 from heimdex_clip_contract.schema import parse_request
@@ -187,22 +186,9 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-@contextmanager
-def serve_in_thread(config: LoopbackConfig, host: str = "127.0.0.1") -> Iterator[str]:
+def serve_in_thread(config: LoopbackConfig, host: str = "127.0.0.1") -> AbstractContextManager[str]:
     """Serve on a free port in a background thread (tests); yields the endpoint URL."""
-    import uvicorn
-
-    sock = _bind(host, 0)
-    server = uvicorn.Server(uvicorn.Config(create_app(config), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        threading.Event().wait(0.01)
-    try:
-        yield f"http://{host}:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    return net.serve_in_thread(create_app(config), host)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -69,7 +69,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
 import jwt
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
@@ -78,6 +77,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Message, Receive
 
+from heimdex_clip_assets.devservices.net import NotReadyError, answers, port_file_url, wait_until
 from heimdex_clip_assets.devservices.postgres import private_dir
 from heimdex_clip_contract.errors import StorageError
 
@@ -902,10 +902,7 @@ def _read_state(folder: Path) -> _State | None:
 
 
 def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}{PREFIX}/status", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return answers(f"{url}{PREFIX}/status")
 
 
 def _is_service_key(key: str, jwt_secret: str) -> bool:
@@ -962,26 +959,25 @@ def ensure_storage_server(
                 stderr=log,
                 start_new_session=True,  # outlives this process and its Ctrl-C
             )
-        deadline = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise StorageError(f"the embedded storage server exited at start; see {folder}/server.log")
-            if port_file.exists() and (port := port_file.read_text().strip()):
-                url = f"http://127.0.0.1:{port}"
-                if _healthy(url):
-                    state_file = folder / "server.json"
-                    _write_atomic(
-                        state_file,
-                        json.dumps(asdict(_State(proc.pid, url, service_key, jwt_secret))).encode(),
-                    )
-                    state_file.chmod(0o600)
-                    return EmbeddedStorage(url, service_key)
-            time.sleep(0.05)
-        proc.kill()
-        raise StorageError(
-            f"the embedded storage server did not start in {_START_TIMEOUT_S:g} s; see {folder}/server.log",
-            retryable=True,
-        )
+        try:
+            url = wait_until(
+                "the embedded storage server",
+                lambda: port_file_url(port_file, f"{PREFIX}/status"),
+                timeout_s=_START_TIMEOUT_S,
+                proc=proc,
+            )
+        except NotReadyError as exc:
+            see = f"see {folder}/server.log"
+            if exc.exited is not None:
+                raise StorageError(f"the embedded storage server exited at start; {see}") from None
+            proc.kill()
+            raise StorageError(
+                f"the embedded storage server did not start in {_START_TIMEOUT_S:g} s; {see}", retryable=True
+            ) from None
+        state_file = folder / "server.json"
+        _write_atomic(state_file, json.dumps(asdict(_State(proc.pid, url, service_key, jwt_secret))).encode())
+        state_file.chmod(0o600)
+        return EmbeddedStorage(url, service_key)
 
 
 def storage_server_running(home: Path) -> bool:

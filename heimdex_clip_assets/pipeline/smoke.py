@@ -11,18 +11,16 @@ Expected output on RunPod (the seed's Step 5)::
 
 from __future__ import annotations
 
-import io
 import secrets
 import time
 from dataclasses import dataclass
 
 import httpx
-import numpy as np
-from PIL import Image
 
 from heimdex_clip_assets import services
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.devservices import synthetic
 from heimdex_clip_contract.errors import AuthError, ClipError
 
 SMOKE_PATH = "smoke/smoke-test.jpg"
@@ -34,15 +32,6 @@ class Check:
     message: str
 
 
-def _test_jpeg() -> bytes:
-    """A 480x270 gradient: a realistic thumbnail size, made here so the test needs no fixture file."""
-    x = np.linspace(0, 255, 480, dtype=np.uint8)
-    rgb = np.stack([np.tile(x, (270, 1)), np.tile(x[::-1], (270, 1)), np.full((270, 480), 96, np.uint8)], -1)
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=85)
-    return buf.getvalue()
-
-
 def run_smoke(settings: Settings) -> list[Check]:
     checks: list[Check] = []
     if settings.clip_backend == "off":
@@ -50,7 +39,7 @@ def run_smoke(settings: Settings) -> list[Check]:
 
     # Signed URL: upload a thumbnail-like JPEG, sign it, fetch it back anonymously.
     storage = services.storage(settings)
-    jpeg = _test_jpeg()
+    jpeg = synthetic.jpeg(480, 270, quality=85)  # a realistic thumbnail, made here: no fixture file
     try:
         storage.upload(SMOKE_PATH, jpeg, content_type="image/jpeg")
         url = storage.create_signed_url(SMOKE_PATH, expires_in=settings.signed_url_expires_s)
