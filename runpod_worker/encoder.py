@@ -53,7 +53,7 @@ MAX_ASPECT_RATIO = 20
 _PIL_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def _jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
+def jpeg_frame(data: bytes) -> tuple[int, int, int] | None:
     """(SOF marker, width, height) from a JPEG's headers, or None when no frame header is found.
 
     A few segment hops in Python (~2 us) instead of a PIL header parse (~50 us): on a 512-image
@@ -277,12 +277,13 @@ class ClipEncoder:
         """The CPU path for what nvJPEG cannot read, in the dtype the GPU path produces."""
         return self.decode(data).to(self.device, self.dtype)
 
-    def _decode_cuda(self, images: Sequence[bytes]) -> list[torch.Tensor | ClipError]:
-        """Decode JPEGs on the GPU in one call and resize them in same-size groups."""
+    def decode_batch(self, images: Sequence[bytes]) -> list[torch.Tensor | ClipError]:
+        """The GPU path: decode JPEGs in one call (nvJPEG on CUDA; torchvision's CPU decoder elsewhere)
+        and resize them in same-size groups; one tensor on the device, or the error, per image."""
         out: list[torch.Tensor | ClipError | None] = [None] * len(images)
         jpeg_idx: list[int] = []
         for i, data in enumerate(images):
-            frame = _jpeg_frame(data) if data[:3] == _JPEG_MAGIC else None
+            frame = jpeg_frame(data) if data[:3] == _JPEG_MAGIC else None
             try:
                 if frame is None or frame[0] not in _NVJPEG_SOF or not frame[1] or not frame[2]:
                     # PNG, WebP, unusual or malformed JPEGs: PIL decodes them or names the problem.
@@ -365,7 +366,7 @@ class ClipEncoder:
         """One slot per input, in order: a (dim,) float32 vector, or the error for that image."""
         if self.device.type != "cuda":
             return self._encode_bytes_cpu(images, normalize=normalize)
-        decoded = self._decode_cuda(images)
+        decoded = self.decode_batch(images)
         tensors = [d for d in decoded if isinstance(d, torch.Tensor)]
         rows = iter(self.encode_tensors(torch.stack(tensors), normalize=normalize)) if tensors else iter(())
         return [next(rows) if isinstance(d, torch.Tensor) else d for d in decoded]

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest_plugins = [
+    "tests.fixtures.browser",
     "tests.fixtures.clip",
     "tests.fixtures.services",
     "tests.fixtures.seed_system",

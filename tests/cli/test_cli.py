@@ -6,17 +6,17 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from heimdex_clip_assets import services
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.devservices.net import answers, wait_until
 from heimdex_clip_assets.pipeline.keyframes import thumbnail_path
-from tests.fixtures.services import _reachable_dir
+from tests.fixtures.cli import run_cli
+from tests.fixtures.services import reachable_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -32,7 +32,7 @@ def cli_env(clip_checkpoint: Path) -> Iterator[dict[str, str]]:
         "CLIP_INFERENCE_BACKEND",
         "DAGSTER_HOME",
     )
-    with _reachable_dir("heimdex-cli-") as home:
+    with reachable_dir("heimdex-cli-") as home:
         env = {
             k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("RUNPOD_", "DAGSTER_"))
         }
@@ -47,14 +47,7 @@ def cli_env(clip_checkpoint: Path) -> Iterator[dict[str, str]]:
 
 
 def cli(env: dict[str, str], *args: str, ok: bool = True, **extra: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "heimdex_clip_assets.cli", *args],
-        env={**env, **extra, "COLUMNS": "200"},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_cli(env, *args, **extra, COLUMNS="200")
     assert (result.returncode == 0) == ok, result.stdout + result.stderr
     if not ok:
         assert "Traceback" not in result.stderr, result.stderr
@@ -191,15 +184,8 @@ def test_dev_serves_the_ui_and_stops_on_ctrl_c(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/server_info", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(1)
-        else:
-            pytest.fail("dagster dev did not answer within 120 s")
+        ui = f"http://127.0.0.1:{port}/server_info"
+        wait_until("dagster dev", lambda: answers(ui), timeout_s=120, proc=proc, interval_s=1)
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=60) == 0
     finally:

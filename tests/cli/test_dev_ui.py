@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,24 +21,17 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fixtures.services import _reachable_dir
+from heimdex_clip_assets.devservices.net import answers, wait_until
+from tests.fixtures.browser import needs_chromium
+from tests.fixtures.cli import run_cli
+from tests.fixtures.services import reachable_dir
 
 ROOT = Path(__file__).resolve().parents[2]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PORT = 3931
 UI = f"http://127.0.0.1:{PORT}"
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (.ci/run)")
+pytestmark = needs_chromium
 
 
 class Dev:
@@ -74,20 +66,10 @@ class Dev:
         return data["sensorOrError"]["sensorState"]["ticks"]
 
 
-def wait_for(what: str, check: Any, timeout_s: float = 180) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(1)
-    pytest.fail(f"{what}: not within {timeout_s:.0f} s")
-
-
 @pytest.fixture(scope="module")
 def ui_env(clip_checkpoint: Path) -> Iterator[dict[str, str]]:
     drop = ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "DAGSTER_HOME")
-    with _reachable_dir("heimdex-ui-") as home:
+    with reachable_dir("heimdex-ui-") as home:
         env = {
             k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("RUNPOD_", "CLIP_"))
         }
@@ -99,14 +81,7 @@ def ui_env(clip_checkpoint: Path) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def demo_id(ui_env: dict[str, str]) -> str:
-    demo = subprocess.run(
-        [sys.executable, "-m", "heimdex_clip_assets.cli", "demo", "--scenes", "3", "--scene-seconds", "1.5"],
-        env=ui_env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    demo = run_cli(ui_env, "demo", "--scenes", "3", "--scene-seconds", "1.5")
     assert demo.returncode == 0, demo.stdout + demo.stderr
     return UUID.search(demo.stdout).group(0)  # type: ignore[union-attr]
 
@@ -126,7 +101,8 @@ def dev(ui_env: dict[str, str], demo_id: str) -> Iterator[Dev]:
         )
     running = Dev(proc, log)
     try:
-        wait_for("dagster dev answering", lambda: _answers(f"{UI}/server_info"))
+        up = lambda: answers(f"{UI}/server_info")  # noqa: E731
+        wait_until("dagster dev answering", up, timeout_s=180, proc=proc, interval_s=0.5)
         yield running
     finally:
         if proc.poll() is None:
@@ -135,23 +111,6 @@ def dev(ui_env: dict[str, str], demo_id: str) -> Iterator[Dev]:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def test_partition_page_shows_contact_sheet_file_name_and_rounded_timings(
@@ -184,14 +143,7 @@ def test_embeddings_say_already_current_when_nothing_was_left_to_do(
     dev: Dev, demo_id: str, browser: Any, ui_env: dict[str, str]
 ) -> None:
     """A rerun of the demo's partition finds every scene embedded, and says so in the UI's metadata."""
-    rerun = subprocess.run(
-        [sys.executable, "-m", "heimdex_clip_assets.cli", "process-video", "--video-id", demo_id],
-        env=ui_env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    rerun = run_cli(ui_env, "process-video", "--video-id", demo_id)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     page = browser.new_page(viewport={"width": 1600, "height": 1000})
     page.goto(f"{UI}/assets/scene_clip_embeddings?view=partitions&partition={demo_id}")
@@ -207,13 +159,15 @@ def test_sensor_leaves_done_videos_alone_and_runs_new_ones_quietly(
     inbox = Path(ui_env["HEIMDEX_HOME"]) / "inbox"
     inbox.mkdir(exist_ok=True)
     shutil.copy(make_video(scenes=2, scene_seconds=1.0), inbox / "dropped.mp4")
-    ticks = wait_for(
+    ticks = wait_until(
         "a sensor tick that requested a run",
         lambda: [t for t in dev.sensor_ticks() if t["runIds"]],
         timeout_s=240,
+        interval_s=1,
     )
     (new_id,) = {run_id for t in ticks for run_id in t["runIds"]}
-    wait_for("the new video's run", lambda: any(r["status"] == "SUCCESS" for r in _runs_of(dev, new_id)))
+    succeeded = lambda: any(r["status"] == "SUCCESS" for r in _runs_of(dev, new_id))  # noqa: E731
+    wait_until("the new video's run", succeeded, timeout_s=180, interval_s=1)
     # The demo's video was finished before `dev` started: no sensor run for it.
     assert all(r["runId"] != new_id for r in dev.runs(demo_id))
     sensor_runs = [r for r in dev.runs(demo_id) if any(t["key"] == "dagster/sensor_name" for t in r["tags"])]

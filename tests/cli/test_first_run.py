@@ -25,7 +25,7 @@ from heimdex_clip_assets.cli import build_parser
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.devservices.postgres import postgres_running
 from heimdex_clip_assets.devservices.storage_server import storage_server_running
-from tests.fixtures.services import _reachable_dir
+from tests.fixtures.services import reachable_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -45,7 +45,7 @@ def fresh_env(silent_hub: str, tmp_path: Path) -> Iterator[dict[str, str]]:
     """A new user's environment: embedded defaults, default weights (``openai``), an empty hub cache,
     and a hub that never answers."""
     drop = ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_SERVICE_ROLE_KEY", "CLIP_PRETRAINED", "HF_HUB_OFFLINE")
-    with _reachable_dir("heimdex-first-") as home:
+    with reachable_dir("heimdex-first-") as home:
         env = {
             k: v
             for k, v in os.environ.items()

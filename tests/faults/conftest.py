@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,17 +14,11 @@ import pytest
 
 from heimdex_clip_assets import services
 from heimdex_clip_assets.config import Settings
-from tests.fixtures.services import _reachable_dir
-from tests.worker.conftest import jpeg
+from tests.fixtures.cli import ROOT, run_cli
+from tests.fixtures.services import reachable_dir
 
-ROOT = Path(__file__).resolve().parents[2]
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 POOL = "clip_inference"
-
-
-@pytest.fixture(scope="session")
-def frame_jpeg() -> bytes:
-    return jpeg()
 
 
 class StallingEndpoint:
@@ -79,7 +71,7 @@ def stalling_endpoint() -> Iterator[StallingEndpoint]:
 
 @pytest.fixture(scope="module")
 def home() -> Iterator[Path]:
-    with _reachable_dir("heimdex-faults-") as path:
+    with reachable_dir("heimdex-faults-") as path:
         yield path
         services.stop_embedded(Settings.from_env({"HEIMDEX_HOME": str(path)}))
 
@@ -117,21 +109,8 @@ def instance(env: dict[str, str]) -> Iterator[dg.DagsterInstance]:
         os.environ.update(saved)
 
 
-def cli(
-    env: dict[str, str], *args: str, timeout: float = 300, **extra: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "heimdex_clip_assets.cli", *args],
-        env={**env, **extra},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.fixture(scope="module")
 def video_id(env: dict[str, str], sample_video: Path, instance: dg.DagsterInstance) -> str:
-    added = cli(env, "add-video", str(sample_video))
+    added = run_cli(env, "add-video", str(sample_video))
     assert added.returncode == 0, added.stderr
     return UUID.findall(added.stdout)[0]

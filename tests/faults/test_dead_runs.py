@@ -20,7 +20,8 @@ import pytest
 from heimdex_clip_assets import services
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.defs.run_health import WORKER_TAG, dead_runs_sensor
-from tests.faults.conftest import POOL, ROOT, StallingEndpoint, cli
+from tests.faults.conftest import POOL, StallingEndpoint
+from tests.fixtures.cli import ROOT, run_cli
 
 
 def start_stalled_run(
@@ -74,7 +75,7 @@ def test_a_killed_runs_slot_is_freed_for_the_next_run(
 
     # The next command frees it before its own run asks for the one slot (today: blocked forever).
     started = time.monotonic()
-    done = cli(env, "process-video", "--video-id", video_id, "--backend", "local", timeout=240)
+    done = run_cli(env, "process-video", "--video-id", video_id, "--backend", "local", timeout=240)
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started < 240
     record = instance.get_run_record_by_id(killed.run_id)
@@ -132,7 +133,7 @@ def test_postgres_stopped_mid_run_ends_in_one_sentence(
 
     # Postgres back: the next command fails the cut-off run and frees its slot before running.
     postgres.start()
-    done = cli(env, "process-video", "--video-id", video_id, "--backend", "local", timeout=240)
+    done = run_cli(env, "process-video", "--video-id", video_id, "--backend", "local", timeout=240)
     assert done.returncode == 0, done.stderr
     assert instance.get_run_by_id(cut_off.run_id).status == dg.DagsterRunStatus.FAILURE
     assert slots_held(instance) == 0
@@ -144,6 +145,6 @@ def test_a_database_url_that_is_not_a_url_is_one_sentence(env: dict[str, str], v
         ["search", "a red car"],
         ["backfill", "--dry-run"],
     ):
-        done = cli(env, *command, DATABASE_URL="notaurl", timeout=120)
+        done = run_cli(env, *command, DATABASE_URL="notaurl", timeout=120)
         assert done.returncode == 2, done.stderr
         assert "DATABASE_URL" in one_sentence(done.stderr) and "notaurl" not in done.stderr

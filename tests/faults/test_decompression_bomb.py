@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
+from heimdex_clip_assets.devservices.image_server import ImageServer
 from heimdex_clip_contract.errors import InvalidImageError
 from heimdex_clip_contract.schema import ImageItem, build_batch_request
 from runpod_worker.encoder import ClipEncoder
-from tests.fixtures.worker import ImageServer
 
 
 def image(width: int, height: int, fmt: str) -> bytes:

@@ -7,53 +7,29 @@ every signed URL) or a raw socket server that misbehaves on purpose.
 
 from __future__ import annotations
 
-import io
 import json
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from heimdex_clip_assets.adapters.clip_backends import RunPodBackend
-from heimdex_clip_assets.adapters.db import SceneRecord, VectorStore, VideoRecord
+from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig, serve_in_thread
-from heimdex_clip_assets.pipeline.embed import EmbeddingEngine
 from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import NetworkError, RequestTimeoutError
 from heimdex_clip_contract.schema import ImageItem
-from tests.fixtures.rows import OWNER
+from tests.fixtures.engine import add_videos, embed_all
 
 SECRET = "faults-secret"
 MODEL = LoopbackConfig()
-
-
-def _jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def _video(store: VectorStore, storage: Storage, scenes: int) -> str:
-    video_id = str(uuid.uuid4())
-    store.ensure_owner(OWNER)
-    store.add_video(VideoRecord(id=video_id, owner_id=OWNER, storage_path=f"{OWNER}/{video_id}/source.mp4"))
-    records = []
-    for i in range(scenes):
-        path = f"{OWNER}/{video_id}/thumbnails/scene_{i}.jpg"
-        storage.upload(path, _jpeg(i), content_type="image/jpeg")
-        records.append(SceneRecord(i, i, i + 1, storage.public_url(path), i + 0.5, f"{video_id}-{i}"))
-    store.insert_scenes(video_id, records)
-    return video_id
 
 
 def _client(url: str, **kwargs: Any) -> RunPodClient:
@@ -61,21 +37,15 @@ def _client(url: str, **kwargs: Any) -> RunPodClient:
     return RunPodClient(url, api_key=None, hmac_secret=SECRET, backoff_base_s=0.01, **options)
 
 
-def _embed(store: VectorStore, backend: RunPodBackend, **engine: int) -> Any:
-    return EmbeddingEngine(store, backend, use_cache=False, **engine).run(
-        store.iter_scenes_to_embed(MODEL.model_version)
-    )
-
-
 # ----------------------------------------------------------------------------- 9.3: URLs that expire
 def test_each_job_is_signed_right_before_it_is_sent(store: VectorStore, storage: Storage) -> None:
     """2 s URLs, jobs of one image queued 0.4 s each, one at a time: 12 jobs take ~5 s. URLs signed
     once up front (as before) expire for every job after the fifth; signed per job, none does."""
-    video_id = _video(store, storage, 12)
+    (video_id,) = set(add_videos(store, storage, 1, 12).values())
     config = LoopbackConfig(latency_s=0.4, secret=SECRET, fetch=True)
     with serve_in_thread(config) as url:
         backend = RunPodBackend(_client(url, max_retries=0), storage, pretrained="x", expires_in=2)
-        report = _embed(store, backend, batch_size=1, max_in_flight=1)
+        report = embed_all(store, backend, use_cache=False, batch_size=1, max_in_flight=1)
     assert (report.embedded, report.failed) == (12, 0), report.failure_summary()
     assert all(s.embedding is not None for s in store.scenes(video_id))
 
@@ -110,11 +80,11 @@ class _DelayFirstJob:
 
 
 def test_expired_url_is_retried_with_a_fresh_one(store: VectorStore, storage: Storage) -> None:
-    video_id = _video(store, storage, 4)
+    (video_id,) = set(add_videos(store, storage, 1, 4).values())
     with serve_in_thread(LoopbackConfig(latency_s=0.0, secret=SECRET, fetch=True)) as url:
         proxy = _DelayFirstJob(url, delay_s=2.5)
         backend = RunPodBackend(_client(proxy.url, max_retries=1), storage, pretrained="x", expires_in=2)
-        report = _embed(store, backend, batch_size=4, max_in_flight=1)
+        report = embed_all(store, backend, use_cache=False, batch_size=4, max_in_flight=1)
         proxy.server.shutdown()
     # The first attempt's URLs expired in the queue (image_download_failed in every slot); the client
     # sent exactly those images again with fresh URLs.
@@ -156,7 +126,7 @@ def _unit(seed: int) -> np.ndarray:
 
 
 def test_bad_vectors_fail_only_their_scene(store: VectorStore, storage: Storage) -> None:
-    video_id = _video(store, storage, 8)
+    (video_id,) = set(add_videos(store, storage, 1, 8).values())
     scene_of = {s.id: s.index for s in store.scenes(video_id)}
 
     def answer(ids: list[str]) -> list[dict[str, Any]]:
@@ -181,7 +151,7 @@ def test_bad_vectors_fail_only_their_scene(store: VectorStore, storage: Storage)
 
     worker = _Worker(answer)
     backend = RunPodBackend(_client(worker.url, max_retries=0), storage, pretrained="x", expires_in=60)
-    report = _embed(store, backend, batch_size=8, max_in_flight=1)
+    report = embed_all(store, backend, use_cache=False, batch_size=8, max_in_flight=1)
     worker.server.shutdown()
 
     assert (report.embedded, report.failed) == (4, 4)

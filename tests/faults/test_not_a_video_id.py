@@ -6,13 +6,11 @@ Before: ``invalid input syntax for type uuid`` from PostgreSQL, with its ``CONTE
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.faults.conftest import ROOT
-from tests.fixtures.services import _reachable_dir
+from tests.fixtures.cli import run_cli
+from tests.fixtures.services import reachable_dir
 
 NOT_IDS = ["does-not-exist", "12", "1a891027-872e-51ae-924e-d910f272cdaZ", "'; DROP TABLE videos; --"]
 
@@ -24,16 +22,9 @@ NOT_IDS = ["does-not-exist", "12", "1a891027-872e-51ae-924e-d910f272cdaZ", "'; D
     ids=["process-video", "search"],
 )
 def test_an_id_that_is_not_a_uuid_is_one_sentence(args: list[str], bad: str) -> None:
-    with _reachable_dir("heimdex-faults-") as home:
+    with reachable_dir("heimdex-faults-") as home:
         env = {**os.environ, "HEIMDEX_HOME": str(home), "CLIP_PRETRAINED": "none", "COLUMNS": "80"}
-        result = subprocess.run(
-            [sys.executable, "-m", "heimdex_clip_assets.cli", *args, bad],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = run_cli(env, *args, bad, timeout=120)
         # Refused before the embedded PostgreSQL was even needed.
         assert not (home / "pg").exists()
     assert result.returncode == 2, result.stdout + result.stderr

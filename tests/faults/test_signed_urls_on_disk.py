@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.faults.conftest import cli
+from tests.fixtures.cli import run_cli
 from tests.fixtures.worker import WORKER_SECRET
 
 
 def test_no_signed_url_is_stored_on_disk(
     env: dict[str, str], home: Path, video_id: str, worker_url: str
 ) -> None:
-    done = cli(
+    done = run_cli(
         env,
         "process-video",
         "--video-id",

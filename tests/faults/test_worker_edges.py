@@ -19,11 +19,11 @@ from typing import Any
 import httpx
 import pytest
 
+from heimdex_clip_assets.devservices.image_server import ImageServer
 from heimdex_clip_contract.schema import ImageItem, build_batch_request, build_single_request
 from runpod_worker import handler as worker
 from runpod_worker.config import WorkerConfig
 from runpod_worker.encoder import ClipEncoder
-from tests.fixtures.worker import ImageServer
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,6 @@ checkpoint, the embedded storage server, and (for runpod) RunPod's cloud stubbed
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +11,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from heimdex_clip_assets.adapters.clip_backends import (
     EmbeddingResult,
@@ -28,6 +26,7 @@ from heimdex_clip_assets.adapters.db import METADATA_KEYS
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.devservices.synthetic import jpeg
 from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import (
     AuthError,
@@ -46,14 +45,6 @@ from runpod_worker.encoder import ClipEncoder
 META_KEYS = {*METADATA_KEYS, "download_ms", "total_ms"}
 
 
-def jpeg(seed: int, size: tuple[int, int] = (96, 64)) -> bytes:
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
 @pytest.fixture(scope="module")
 def encoder(clip_checkpoint: Path) -> ClipEncoder:
     return load_encoder("ViT-B-32", str(clip_checkpoint))
@@ -70,13 +61,13 @@ def test_encoder_loads_once_per_process(encoder: ClipEncoder, clip_checkpoint: P
 
 def test_local_backend_embeds_from_storage_and_memory(encoder: ClipEncoder, storage: Storage) -> None:
     for i in range(3):
-        storage.upload(f"thumbnails/v1/{i}.jpg", jpeg(i), content_type="image/jpeg")
+        storage.upload(f"thumbnails/v1/{i}.jpg", jpeg(96, 64, seed=i), content_type="image/jpeg")
     storage.upload("thumbnails/v1/bad.jpg", b"not a jpeg", content_type="image/jpeg")
     images = [SceneImage(i, storage_path=f"thumbnails/v1/{i}.jpg") for i in range(3)]
     images += [
         SceneImage(3, storage_path="thumbnails/v1/bad.jpg"),
         SceneImage(4, storage_path="thumbnails/v1/missing.jpg"),
-        SceneImage(5, data=jpeg(0)),
+        SceneImage(5, data=jpeg(96, 64, seed=0)),
         SceneImage(6),
     ]
     out = LocalBackend(encoder, storage).embed(images)
@@ -107,7 +98,7 @@ def test_off_backend_is_disabled_and_says_so(clip_checkpoint: Path) -> None:
     backend = make_backend(settings_for("local", clip_checkpoint, CLIP_ENABLED="false"), None)
     assert isinstance(backend, OffBackend) and not backend.enabled and backend.name == "off"
     with pytest.raises(ConfigError, match="CLIP_INFERENCE_BACKEND"):
-        backend.embed([SceneImage(0, data=jpeg(0))])
+        backend.embed([SceneImage(0, data=jpeg(96, 64, seed=0))])
 
 
 # --------------------------------------------------------------------------------- runpod (cloud stub)
@@ -141,7 +132,7 @@ def cloud(
 
 def thumbnails(storage: Storage, n: int) -> list[SceneImage]:
     for i in range(n):
-        storage.upload(f"thumbnails/rp/{i}.jpg", jpeg(i), content_type="image/jpeg")
+        storage.upload(f"thumbnails/rp/{i}.jpg", jpeg(96, 64, seed=i), content_type="image/jpeg")
     return [SceneImage(i, storage_path=f"thumbnails/rp/{i}.jpg") for i in range(n)]
 
 
@@ -227,7 +218,7 @@ def test_runpod_and_local_backends_agree_through_the_real_worker(
     )
     paths = [f"thumbnails/v2/{i}.jpg" for i in range(4)]
     for i, path in enumerate(paths):
-        storage.upload(path, jpeg(100 + i, size=(480, 270)), content_type="image/jpeg")
+        storage.upload(path, jpeg(480, 270, seed=100 + i), content_type="image/jpeg")
     images = [SceneImage(i, storage_path=p) for i, p in enumerate(paths)]
     storage.upload("thumbnails/v2/9.jpg", b"not a jpeg", content_type="image/jpeg")
     broken = SceneImage(9, storage_path="thumbnails/v2/9.jpg")  # the worker fetches it, cannot decode it

@@ -6,8 +6,8 @@ signatures it receives are checked with the worker's own :class:`Verifier`, repl
 
 from __future__ import annotations
 
-import io
 import json
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from heimdex_clip_assets.adapters.runpod_client import RemoteEmbedding, RunPodClient
 from heimdex_clip_assets.config import Settings
-from heimdex_clip_contract import signing
+from heimdex_clip_assets.devservices.image_server import ImageServer
+from heimdex_clip_assets.devservices.synthetic import jpeg
 from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import (
     AuthError,
@@ -35,7 +35,6 @@ from heimdex_clip_contract.errors import (
 )
 from heimdex_clip_contract.schema import ImageItem, parse_request
 from heimdex_clip_contract.signing import Verifier
-from tests.fixtures.worker import ImageServer
 
 URL = "https://api.runpod.ai/v2/ep123"
 API_KEY = "rpa_SECRET_API_KEY_42"
@@ -127,13 +126,6 @@ def make_client(stub: CloudStub, **kwargs: Any) -> RunPodClient:
     return RunPodClient(URL, **options)
 
 
-def make_jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (64, 96, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
 ITEMS = [ImageItem(f"https://h/{i}.jpg", request_id=str(i)) for i in range(3)]
 
 
@@ -163,7 +155,7 @@ def test_signing_matches_golden_vectors(vector: dict[str, Any], monkeypatch: pyt
         pytest.skip("not a request this client sends")
     monkeypatch.setattr(time, "time", lambda: float(vector["ts"] if "ts" in vector else job["auth"]["ts"]))
     if "auth" in job:
-        monkeypatch.setattr(signing._secrets, "token_hex", lambda n: job["auth"]["nonce"])
+        monkeypatch.setattr(secrets, "token_hex", lambda n: job["auth"]["nonce"])
     stub = CloudStub(reply(200, id="j", status="FAILED", error="stop here"))
     client = make_client(stub, hmac_secret=vector["secret"], max_retries=0, model_name=job.get("model"))
     with pytest.raises(ClipError):
@@ -390,7 +382,7 @@ class CountingTransport(httpx.AsyncHTTPTransport):
 
 
 def test_real_worker_single_and_batch(worker_url: str, worker_secret: str, image_server: ImageServer) -> None:
-    urls = [image_server.add(f"/client/{i}.jpg", make_jpeg(i)) for i in range(3)]
+    urls = [image_server.add(f"/client/{i}.jpg", jpeg(96, 64, seed=i)) for i in range(3)]
     with RunPodClient(
         worker_url, api_key=None, hmac_secret=worker_secret, model_name="ViT-B-32", dim=512
     ) as client:
@@ -404,7 +396,7 @@ def test_real_worker_single_and_batch(worker_url: str, worker_secret: str, image
 
 
 def test_real_worker_refuses_a_bad_secret_without_retries(worker_url: str, image_server: ImageServer) -> None:
-    url = image_server.add("/client/auth.jpg", make_jpeg(7))
+    url = image_server.add("/client/auth.jpg", jpeg(96, 64, seed=7))
     transport = CountingTransport()
     client = RunPodClient(
         worker_url, api_key=None, hmac_secret="not-the-secret", max_retries=3, transport=transport

@@ -15,6 +15,7 @@ import pytest
 
 from heimdex_clip_assets.adapters.storage import SupabaseStorage
 from heimdex_clip_assets.config import Settings
+from heimdex_clip_assets.devservices.net import answers, wait_until
 from heimdex_clip_assets.devservices.storage_server import (
     EmbeddedStorage,
     ensure_storage_server,
@@ -164,14 +165,6 @@ def test_open_storage_shares_one_embedded_server(embedded_home: Path) -> None:
         stop_storage_server(embedded_home)
 
 
-def answers(url: str) -> bool:
-    try:
-        httpx.get(f"{url}/storage/v1/status", timeout=1)
-    except httpx.HTTPError:
-        return False
-    return True
-
-
 def test_stop_twice_never_signals_a_recycled_pid(embedded_home: Path) -> None:
     server = ensure_storage_server(embedded_home)
     state_file = embedded_home / "storage" / "server.json"
@@ -182,9 +175,8 @@ def test_stop_twice_never_signals_a_recycled_pid(embedded_home: Path) -> None:
         # The recorded pid now names an unrelated process (pid reuse, a reboot) and nothing answers at
         # the recorded URL: stopping again, twice, must leave that process alone.
         stale = {**json.loads(state_file.read_text()), "pid": decoy.pid, "url": server.url}
-        deadline = time.monotonic() + 10
-        while answers(server.url) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        status = f"{server.url}/storage/v1/status"
+        wait_until("the stopped server gone", lambda: not answers(status, any_status=True), timeout_s=10)
         state_file.write_text(json.dumps(stale))
         stop_storage_server(embedded_home)
         stop_storage_server(embedded_home)

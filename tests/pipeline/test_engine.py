@@ -5,54 +5,24 @@ and the code location loaded by a Dagster code server as `dagster dev` loads it.
 
 from __future__ import annotations
 
-import io
 import logging
 import uuid
 from collections.abc import Iterator
 
 import dagster as dg
 import httpx
-import numpy as np
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
-from PIL import Image
 
-from heimdex_clip_assets.adapters.clip_backends import RunPodBackend
-from heimdex_clip_assets.adapters.db import SceneRecord, VectorStore, VideoRecord
-from heimdex_clip_assets.adapters.runpod_client import RunPodClient
+from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig, serve_in_thread
 from heimdex_clip_assets.pipeline.embed import EmbeddingEngine
-from tests.fixtures.rows import OWNER
+from tests.fixtures.engine import add_videos, loopback_backend
 
 SECRET = "engine-test-secret"
 LOOPBACK = LoopbackConfig(latency_s=0.3, secret=SECRET)
-
-
-def _jpeg(seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (24, 32, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-def add_videos(store: VectorStore, storage: Storage, videos: int, scenes: int) -> dict[str, str]:
-    """``videos`` videos of ``scenes`` scenes each, thumbnails in storage; returns scene id -> video id."""
-    owner = {}
-    for v in range(videos):
-        video_id = str(uuid.uuid4())
-        store.ensure_owner(OWNER)
-        path = f"{OWNER}/{video_id}/source.mp4"
-        store.add_video(VideoRecord(id=video_id, owner_id=OWNER, storage_path=path))
-        records = []
-        for i in range(scenes):
-            path = f"{OWNER}/{video_id}/thumbnails/scene_{i}.jpg"
-            storage.upload(path, _jpeg(v * 100 + i), content_type="image/jpeg")
-            records.append(SceneRecord(i, i, i + 1, storage.public_url(path), i + 0.5, f"sha-{video_id}-{i}"))
-        store.insert_scenes(video_id, records)
-        owner |= {s.id: video_id for s in store.scenes(video_id)}
-    return owner
 
 
 @pytest.fixture
@@ -61,21 +31,11 @@ def loopback() -> Iterator[str]:
         yield url
 
 
-def runpod_backend(url: str, storage: Storage) -> RunPodBackend:
-    client = RunPodClient(
-        url,
-        api_key=None,
-        hmac_secret=SECRET,
-        model_name=LOOPBACK.model,
-        dim=LOOPBACK.dim,
-        model_version=LOOPBACK.model_version,
-    )
-    return RunPodBackend(client, storage, pretrained=LOOPBACK.pretrained, expires_in=60)
-
-
 def test_jobs_cross_videos_and_overlap(store: VectorStore, storage: Storage, loopback: str) -> None:
     owner = add_videos(store, storage, videos=6, scenes=5)
-    engine = EmbeddingEngine(store, runpod_backend(loopback, storage), batch_size=8, max_in_flight=3)
+    engine = EmbeddingEngine(
+        store, loopback_backend(loopback, storage, LOOPBACK), batch_size=8, max_in_flight=3
+    )
     report = engine.run(store.iter_scenes_to_embed(LOOPBACK.model_version, page_size=7))
     stats = httpx.get(f"{loopback}/stats").json()
 

@@ -12,31 +12,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from heimdex_clip_assets.adapters.clip_backends import RunPodBackend
 from heimdex_clip_assets.adapters.db import VectorStore
-from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage
+from heimdex_clip_assets.devservices.image_server import ImageServer
 from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig, serve_in_thread
-from heimdex_clip_assets.pipeline.embed import EmbeddingEngine
-from tests.fixtures.seed_system import scene_jpeg
-from tests.fixtures.worker import ImageServer
-from tests.pipeline.test_engine import add_videos
+from heimdex_clip_assets.devservices.synthetic import jpeg
+from tests.fixtures.engine import add_videos, embed_all, loopback_backend
 
 SECRET = "single-image-test-secret"
 GUIDE_WORKER = LoopbackConfig(latency_s=0.05, secret=SECRET, single_only=True)
 OUR_WORKER = LoopbackConfig(latency_s=0.05, secret=SECRET)
-
-
-def backend(url: str, storage: Storage, config: LoopbackConfig, mode: str) -> RunPodBackend:
-    client = RunPodClient(
-        url,
-        api_key=None,
-        hmac_secret=SECRET,
-        model_name=config.model,
-        dim=config.dim,
-        model_version=config.model_version,
-    )
-    return RunPodBackend(client, storage, pretrained=config.pretrained, expires_in=60, request_mode=mode)
 
 
 @pytest.fixture
@@ -49,10 +34,8 @@ def test_auto_mode_falls_back_to_single_images_once(
     store: VectorStore, storage: Storage, guide_worker: str
 ) -> None:
     add_videos(store, storage, videos=2, scenes=5)
-    runpod = backend(guide_worker, storage, GUIDE_WORKER, "auto")
-    report = EmbeddingEngine(store, runpod, batch_size=4, max_in_flight=2).run(
-        store.iter_scenes_to_embed(GUIDE_WORKER.model_version)
-    )
+    runpod = loopback_backend(guide_worker, storage, GUIDE_WORKER, request_mode="auto")
+    report = embed_all(store, runpod, batch_size=4, max_in_flight=2)
     assert (report.embedded, report.failed, runpod.request_mode) == (10, 0, "single")
     stats = httpx.get(f"{guide_worker}/stats").json()
     # One image per job (the probe's included), each image embedded once.
@@ -64,10 +47,8 @@ def test_batch_mode_against_the_guide_worker_fails_each_scene_clearly(
     store: VectorStore, storage: Storage, guide_worker: str
 ) -> None:
     add_videos(store, storage, videos=1, scenes=3)
-    runpod = backend(guide_worker, storage, GUIDE_WORKER, "batch")
-    report = EmbeddingEngine(store, runpod, batch_size=4, max_in_flight=1).run(
-        store.iter_scenes_to_embed(GUIDE_WORKER.model_version)
-    )
+    runpod = loopback_backend(guide_worker, storage, GUIDE_WORKER, request_mode="batch")
+    report = embed_all(store, runpod, batch_size=4, max_in_flight=1)
     assert (report.embedded, report.failed) == (0, 3)
     assert "image_url is required" in report.failures[0][2].message
 
@@ -75,10 +56,8 @@ def test_batch_mode_against_the_guide_worker_fails_each_scene_clearly(
 def test_single_mode_works_against_our_worker_too(store: VectorStore, storage: Storage) -> None:
     add_videos(store, storage, videos=1, scenes=4)
     with serve_in_thread(OUR_WORKER) as url:
-        runpod = backend(url, storage, OUR_WORKER, "single")
-        report = EmbeddingEngine(store, runpod, batch_size=4, max_in_flight=1).run(
-            store.iter_scenes_to_embed(OUR_WORKER.model_version)
-        )
+        runpod = loopback_backend(url, storage, OUR_WORKER, request_mode="single")
+        report = embed_all(store, runpod, batch_size=4, max_in_flight=1)
         assert httpx.get(f"{url}/stats").json()["jobs"] == 4
     assert (report.embedded, report.failed) == (4, 0)
 
@@ -88,7 +67,7 @@ def test_the_guides_own_client_request_against_our_worker(
 ) -> None:
     """Their old client: ``{image_url, request_id, normalize, model, auth: {ts, sig}}`` signed over
     ``image_url|ts``, built by hand here; the answer carries ``embedding``, ``dim`` and ``model``."""
-    url = image_server.add("/guide/0.jpg", scene_jpeg(1))
+    url = image_server.add("/guide/0.jpg", jpeg(96, 54, seed=1))
     ts = int(time.time())
     sig = hmac.new(worker_secret.encode(), f"{url}|{ts}".encode(), hashlib.sha256).hexdigest()
     job = {"image_url": url, "request_id": "r1", "normalize": True, "model": "ViT-B-32"}

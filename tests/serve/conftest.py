@@ -19,12 +19,12 @@ from fastapi.testclient import TestClient
 
 from heimdex_clip_assets.adapters.db import EmbeddingRow, SceneRecord, VectorStore, VideoRecord
 from heimdex_clip_assets.adapters.storage import SupabaseStorage
+from heimdex_clip_assets.devservices.synthetic import jpeg
 from heimdex_clip_assets.pipeline.search import LocalQueryEncoder, QueryEncoder, SearchService
 from heimdex_clip_assets.serve.app import create_app
 from heimdex_clip_assets.serve.auth import Authenticator
 from runpod_worker.fetch import FetchPolicy
 from tests.fixtures.rows import clip_metadata
-from tests.worker.conftest import jpeg
 
 if TYPE_CHECKING:
     from runpod_worker.encoder import ClipEncoder

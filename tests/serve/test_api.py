@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
+from heimdex_clip_assets.devservices.synthetic import jpeg
 from heimdex_clip_assets.pipeline.search import LocalQueryEncoder
 from runpod_worker.fetch import FetchPolicy
 from tests.serve.conftest import API_KEY, JWT_SECRET, PHRASES, Library, MakeClient, user_token
-from tests.worker.conftest import jpeg
 
 if TYPE_CHECKING:
     from runpod_worker.encoder import ClipEncoder

@@ -5,70 +5,33 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 
+from heimdex_clip_assets.devservices.net import serve_in_thread
+from heimdex_clip_assets.devservices.synthetic import jpeg
 from heimdex_clip_assets.pipeline.search import SearchService
 from heimdex_clip_assets.serve.app import create_app
 from heimdex_clip_assets.serve.auth import Authenticator
+from tests.fixtures.browser import needs_chromium
 from tests.serve.conftest import JWT_SECRET, Library, local_encoder, user_token
-from tests.worker.conftest import jpeg
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 # Screenshots land here for people to look at (CI keeps them as artifacts when it wants).
 SCREENSHOTS = (
     Path(os.environ.get("HEIMDEX_SCREENSHOTS", "")) if os.environ.get("HEIMDEX_SCREENSHOTS") else None
 )
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).exists(), reason="needs chromium (apt-get install chromium)"
-)
+pytestmark = needs_chromium
 
 
 @pytest.fixture
 def server_url(library: Library, worker_encoder) -> Iterator[str]:
     service = SearchService(library.store, library.storage, local_encoder(worker_encoder))
-    app = create_app(service, Authenticator(jwt_secret=JWT_SECRET))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}/"
-    server.should_exit = True
-    thread.join(10)
+    with serve_in_thread(create_app(service, Authenticator(jwt_secret=JWT_SECRET))) as url:
+        yield f"{url}/"
     service.close()
-
-
-@pytest.fixture
-def browser() -> Iterator:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        instance = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield instance
-        instance.close()
 
 
 def test_search_click_and_play(browser, server_url: str, library: Library, tmp_path: Path) -> None:

@@ -4,10 +4,8 @@ local API serving the real handler), and the search host never imports torch."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,10 +13,11 @@ import httpx
 import pytest
 
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
+from heimdex_clip_assets.devservices.net import NotReadyError, answers, free_port, wait_until
 from heimdex_clip_assets.devservices.storage_server import EmbeddedStorage
+from heimdex_clip_assets.devservices.synthetic import jpeg
 from heimdex_clip_assets.pipeline.search import RunPodQueryEncoder
 from tests.serve.conftest import Library, MakeClient
-from tests.worker.conftest import jpeg
 
 if TYPE_CHECKING:
     from runpod_worker.encoder import ClipEncoder
@@ -56,12 +55,6 @@ def test_text_and_image_search_through_the_worker(
     assert image.json()["hits"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_serve_on_runpod_imports_no_torch(
     library: Library,
     storage_server: EmbeddedStorage,
@@ -72,7 +65,7 @@ def test_serve_on_runpod_imports_no_torch(
     record_property: pytest.RecordProperty,
 ) -> None:
     """``heimdex-clip serve`` as an operator runs it: its memory stays small and no torch is mapped."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "HEIMDEX_HOME": str(tmp_path / "home"),
@@ -93,15 +86,10 @@ def test_serve_on_runpod_imports_no_torch(
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
-            assert time.monotonic() < deadline, "serve did not answer within 60 s"
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        try:
+            wait_until("serve", lambda: answers(f"{base}/healthz"), timeout_s=60, proc=proc, interval_s=0.2)
+        except NotReadyError as exc:
+            pytest.fail(f"{exc}\n{proc.stdout.read() if exc.exited is not None and proc.stdout else ''}")
         for q in ["a dog on a beach", "a red car", "a city at night"]:
             hits = httpx.get(f"{base}/v1/search", params={"q": q}, timeout=30).json()["hits"]
             assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)

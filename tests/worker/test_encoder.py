@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+from heimdex_clip_assets.devservices.synthetic import jpeg
 from heimdex_clip_contract.errors import ConfigError, InvalidImageError
-from runpod_worker.encoder import ClipEncoder, _jpeg_frame
-from tests.worker.conftest import jpeg
+from runpod_worker.encoder import ClipEncoder, jpeg_frame
 
 
 def test_loaded_once_with_public_fields(worker_encoder: ClipEncoder) -> None:
@@ -128,7 +128,7 @@ def test_jpeg_frame_matches_pil(options: dict[str, object]) -> None:
     # The GPU path sizes JPEGs (pixel limit, nvJPEG support) from this parser instead of PIL.
     buf = io.BytesIO()
     Image.open(io.BytesIO(jpeg(333, 211))).save(buf, "JPEG", **options)
-    frame = _jpeg_frame(buf.getvalue())
+    frame = jpeg_frame(buf.getvalue())
     assert frame is not None and frame[1:] == (333, 211)
     assert frame[0] == (0xC2 if options.get("progressive") else 0xC0)
 
@@ -137,7 +137,7 @@ def test_jpeg_frame_matches_pil(options: dict[str, object]) -> None:
     "data", [b"\xff\xd8", b"\xff\xd8\xff\xe0\x00", b"\xff\xd8\xff\xda\x00\x02", b"\xff\xd8xx"]
 )
 def test_jpeg_frame_gives_up_on_malformed_headers(data: bytes) -> None:
-    assert _jpeg_frame(data) is None
+    assert jpeg_frame(data) is None
 
 
 def test_batched_jpeg_path_runs_on_cpu_too(worker_encoder: ClipEncoder) -> None:
@@ -146,7 +146,7 @@ def test_batched_jpeg_path_runs_on_cpu_too(worker_encoder: ClipEncoder) -> None:
     png = io.BytesIO()
     Image.open(io.BytesIO(jpeg(400, 300))).save(png, "PNG")
     images = [jpeg(640, 360), png.getvalue(), b"\xff\xd8\xff\xe0junk", jpeg(480, 270), jpeg(640, 360)]
-    out = worker_encoder._decode_cuda(images)
+    out = worker_encoder.decode_batch(images)
     assert isinstance(out[2], InvalidImageError)
     for data, got in zip(images, out, strict=True):
         if data is images[2]:

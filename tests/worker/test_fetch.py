@@ -7,6 +7,8 @@ import ssl
 
 import pytest
 
+from heimdex_clip_assets.devservices.image_server import ImageServer, Route
+from heimdex_clip_assets.devservices.net import free_port
 from heimdex_clip_contract.errors import (
     ClipError,
     ImageDownloadError,
@@ -15,7 +17,6 @@ from heimdex_clip_contract.errors import (
     InvalidRequestError,
 )
 from runpod_worker.fetch import FetchPolicy, fetch_image, is_public_address, make_client
-from tests.fixtures.worker import ImageServer, Route
 
 LOOPBACK_OK = FetchPolicy(allow_private=True, max_bytes=1000, timeout_s=2)
 
@@ -146,12 +147,8 @@ def test_timeout_is_retryable(image_server: ImageServer) -> None:
 
 
 def test_connection_refused_is_retryable() -> None:
-    import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    err = refused(f"http://127.0.0.1:{port}/a.jpg")
+    err = refused(f"http://127.0.0.1:{free_port()}/a.jpg")
     assert isinstance(err, ImageDownloadError) and err.retryable
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import httpx
 import numpy as np
 
+from heimdex_clip_assets.devservices.image_server import ImageServer
 from heimdex_clip_contract.codec import decode_embedding
 from heimdex_clip_contract.schema import (
     ImageItem,
@@ -15,7 +16,6 @@ from heimdex_clip_contract.schema import (
     build_single_request,
     build_text_request,
 )
-from tests.fixtures.worker import ImageServer
 
 if TYPE_CHECKING:
     from runpod_worker.encoder import ClipEncoder
