@@ -121,27 +121,9 @@ class InvalidVideoError(ClipError):
     code = "invalid_video"
 
 
-ERRORS_BY_CODE: dict[str, type[ClipError]] = {
-    cls.code: cls
-    for cls in (
-        AuthError,
-        InvalidRequestError,
-        ImageDownloadError,
-        ImageTooLargeError,
-        InvalidImageError,
-        ModelMismatchError,
-        InternalError,
-        ConfigError,
-        NetworkError,
-        RequestTimeoutError,
-        RemoteError,
-        StorageError,
-        NotFoundError,
-        ForbiddenError,
-        DatabaseError,
-        InvalidVideoError,
-    )
-}
+# Every class above, by its code: the direct subclasses that exist when this module has run, i.e. this
+# module's own (subclasses defined elsewhere, such as WeightsUnavailableError, are not rebuilt from a dict).
+ERRORS_BY_CODE: dict[str, type[ClipError]] = {cls.code: cls for cls in ClipError.__subclasses__()}
 
 
 def error_from_dict(data: Mapping[str, Any]) -> ClipError:

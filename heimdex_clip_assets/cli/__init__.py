@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        name: str, help_text: str, *, backend: bool = True, keep_services: bool = True
+        name: str, help_text: str, *, backend: bool = True, keep_services: str | None = KEEP_SERVICES_HELP
     ) -> argparse.ArgumentParser:
+        """A subcommand; ``keep_services`` is the help of its --keep-services (None: it has none)."""
         p = sub.add_parser(name, help=help_text, description=help_text)
         if backend:
             p.add_argument(
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                 help="Where CLIP runs, for this command only (default: CLIP_INFERENCE_BACKEND, else local).",
             )
         if keep_services:
-            p.add_argument("--keep-services", action="store_true", help=KEEP_SERVICES_HELP)
+            p.add_argument("--keep-services", action="store_true", help=keep_services)
         return p
 
     p = command("add-video", "Upload video files to storage and register them.")
@@ -106,15 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(command("serve", "The search API and page (HTTP): text or image in, scenes out."))
 
     p = command(
-        "dev", "Embedded Postgres + storage + `dagster dev` (UI, sensor, schedule).", keep_services=False
+        "dev",
+        "Embedded Postgres + storage + `dagster dev` (UI, sensor, schedule).",
+        keep_services="Leave the embedded PostgreSQL and storage server running on exit.",
     )
     p.add_argument("--host", default="127.0.0.1", help="Address of the UI (default: %(default)s).")
     p.add_argument("--port", type=int, default=3000, help="Port of the UI (default: %(default)s).")
-    p.add_argument(
-        "--keep-services",
-        action="store_true",
-        help="Leave the embedded PostgreSQL and storage server running on exit.",
-    )
     p.set_defaults(func=cmd_dev)
 
     p = command("demo", "The main job end to end on embedded defaults; prints the Step-7 table.")
@@ -139,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "storage-server",
         "Start (or find) the embedded storage server; print its URL and key. It keeps running.",
         backend=False,
-        keep_services=False,
+        keep_services=None,
     )
     p.set_defaults(func=cmd_storage_server)
 
@@ -147,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stop",
         "Stop the embedded PostgreSQL and storage server of HEIMDEX_HOME; their data stays.",
         backend=False,
-        keep_services=False,
+        keep_services=None,
     )
     p.set_defaults(func=cmd_stop)
     return parser
