@@ -23,6 +23,7 @@ from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig, serve_in_thread
+from heimdex_clip_assets.devservices.net import free_port
 from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import NetworkError, RequestTimeoutError
 from heimdex_clip_contract.schema import ImageItem
@@ -231,10 +232,7 @@ def test_a_dropped_connection_is_not_called_a_failure_to_connect() -> None:
     assert server.connections == 2  # connected both times: the attempt and its one retry
     server.close()
 
-    with socket.socket() as unused:
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
     with pytest.raises(NetworkError, match=r"Failed to connect to 127\.0\.0\.1"):
-        _client(f"http://127.0.0.1:{port}", timeout_s=10, max_retries=0).embed_batch(
+        _client(f"http://127.0.0.1:{free_port()}", timeout_s=10, max_retries=0).embed_batch(
             [ImageItem("http://127.0.0.1/a.jpg", "0")]
         )

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import itertools
 import os
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from heimdex_clip_assets.adapters.storage import SupabaseStorage, resumable_endpoint
+from heimdex_clip_assets.devservices.net import free_port, serve_in_thread
 from heimdex_clip_assets.devservices.storage_server import (
     DEFAULT_FILE_SIZE_LIMIT,
     TUS_CHUNK_SIZE,
@@ -82,38 +82,21 @@ def recording(app: Any, seen: list[Seen]) -> Any:
     return wrapped
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def make_server(tmp_path: Path) -> Iterator[Any]:
-    servers: list[tuple[uvicorn.Server, threading.Thread]] = []
+    numbers = itertools.count()
+    with contextlib.ExitStack() as servers:
 
-    def start(**limits: int) -> Server:
-        limits.setdefault("file_size_limit", 4 * CHUNK)
-        limits.setdefault("tus_chunk_size", CHUNK)
-        root = tmp_path / f"objects-{len(servers)}"
-        state = Server("", service_key_for(SECRET), root)
-        app = recording(create_app(root, SECRET, **limits), state.seen)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append((server, thread))
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "the storage server did not start"
-            time.sleep(0.02)
-        state.url = f"http://127.0.0.1:{port}"
-        return state
+        def start(**limits: int) -> Server:
+            limits.setdefault("file_size_limit", 4 * CHUNK)
+            limits.setdefault("tus_chunk_size", CHUNK)
+            root = tmp_path / f"objects-{next(numbers)}"
+            state = Server("", service_key_for(SECRET), root)
+            app = recording(create_app(root, SECRET, **limits), state.seen)
+            state.url = servers.enter_context(serve_in_thread(app))
+            return state
 
-    yield start
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(10)
+        yield start
 
 
 class CuttingProxy:
