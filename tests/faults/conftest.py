@@ -16,12 +16,13 @@ from heimdex_clip_assets import services
 from heimdex_clip_assets.config import Settings
 from tests.fixtures.cli import ROOT, run_cli
 from tests.fixtures.services import reachable_dir
+from tests.fixtures.tcp import TcpServer
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 POOL = "clip_inference"
 
 
-class StallingEndpoint:
+class StallingEndpoint(TcpServer):
     """Accepts connections and reads the request, then answers nothing until :meth:`release`.
 
     Stands in for a RunPod endpoint whose job never finishes: the run sits inside the embedding step,
@@ -31,17 +32,7 @@ class StallingEndpoint:
     def __init__(self) -> None:
         self.hit = threading.Event()
         self._release = threading.Event()
-        self._sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+        super().__init__(self._answer)
 
     def _answer(self, conn: socket.socket) -> None:
         with conn:
@@ -59,7 +50,7 @@ class StallingEndpoint:
 
     def close(self) -> None:
         self.release()
-        self._sock.close()
+        super().close()
 
 
 @pytest.fixture

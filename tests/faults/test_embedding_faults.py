@@ -28,6 +28,7 @@ from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import NetworkError, RequestTimeoutError
 from heimdex_clip_contract.schema import ImageItem
 from tests.fixtures.engine import add_videos, embed_all
+from tests.fixtures.tcp import TcpServer
 
 SECRET = "faults-secret"
 MODEL = LoopbackConfig()
@@ -168,33 +169,10 @@ def test_bad_vectors_fail_only_their_scene(store: VectorStore, storage: Storage)
 
 
 # ------------------------------------------------------------------------ 9.6: RUNPOD_TIMEOUT_S is a deadline
-class _Socket:
-    """A TCP server that reads each request, then runs ``behave(conn)``."""
-
-    def __init__(self, behave: Callable[[socket.socket], None]) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.connections = 0
-
-        def serve() -> None:
-            while True:
-                try:
-                    conn, _ = self.sock.accept()
-                except OSError:
-                    return
-                self.connections += 1
-                conn.recv(65536)
-                threading.Thread(target=behave, args=(conn,), daemon=True).start()
-
-        threading.Thread(target=serve, daemon=True).start()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def _drip(conn: socket.socket) -> None:
-    """A 200 whose body comes one byte every 2 s: no single read ever times out."""
+    """After the request, a 200 whose body comes one byte every 2 s: no single read ever times out."""
     try:
+        conn.recv(65536)
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
         for _ in range(500):
             time.sleep(2)
@@ -204,17 +182,18 @@ def _drip(conn: socket.socket) -> None:
 
 
 def _hang_up(conn: socket.socket) -> None:
+    conn.recv(65536)  # the request, then nothing
     conn.close()
 
 
 @pytest.fixture
-def dripping() -> Iterator[_Socket]:
-    server = _Socket(_drip)
+def dripping() -> Iterator[TcpServer]:
+    server = TcpServer(_drip)
     yield server
     server.close()
 
 
-def test_timeout_is_a_deadline_for_the_whole_call(dripping: _Socket) -> None:
+def test_timeout_is_a_deadline_for_the_whole_call(dripping: TcpServer) -> None:
     client = _client(dripping.url, timeout_s=3, max_retries=1)
     started = time.monotonic()
     with pytest.raises(RequestTimeoutError, match=r"^Request timeout after 3s? ?.*RUNPOD_TIMEOUT_S covers"):
@@ -224,7 +203,7 @@ def test_timeout_is_a_deadline_for_the_whole_call(dripping: _Socket) -> None:
 
 
 def test_a_dropped_connection_is_not_called_a_failure_to_connect() -> None:
-    server = _Socket(_hang_up)
+    server = TcpServer(_hang_up)
     client = _client(server.url, timeout_s=10, max_retries=1)
     with pytest.raises(NetworkError) as info:
         client.embed_batch([ImageItem("http://127.0.0.1/a.jpg", "0")])

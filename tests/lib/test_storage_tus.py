@@ -31,6 +31,7 @@ from heimdex_clip_assets.devservices.storage_server import (
     service_key_for,
 )
 from heimdex_clip_contract.errors import NotFoundError, StorageError
+from tests.fixtures.tcp import TcpServer
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = 64 * KiB
@@ -99,26 +100,19 @@ def make_server(tmp_path: Path) -> Iterator[Any]:
         yield start
 
 
-class CuttingProxy:
+class CuttingProxy(TcpServer):
     """Forwards TCP to ``upstream``; once, after ``cut_after`` bytes from clients, it closes both ends
     of that connection mid-request, as a dropped network would."""
 
     def __init__(self, upstream_port: int, cut_after: int) -> None:
         self.upstream_port, self.cut_after, self.sent, self.cut = upstream_port, cut_after, 0, False
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
         self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+        super().__init__(self._connect)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            threading.Thread(target=self._pump, args=(client, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+    def _connect(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        threading.Thread(target=self._pump, args=(upstream, client, False), daemon=True).start()
+        self._pump(client, upstream, True)
 
     def _pump(self, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
         try:
@@ -139,9 +133,6 @@ class CuttingProxy:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def metadata(header: str) -> dict[str, str]:
