@@ -15,8 +15,8 @@ import pytest
 from heimdex_clip_assets import services
 from heimdex_clip_assets.config import Settings
 from tests.fixtures.cli import ROOT, run_cli
+from tests.fixtures.fake_servers import TcpServer
 from tests.fixtures.services import reachable_dir
-from tests.fixtures.tcp import TcpServer
 
 UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 POOL = "clip_inference"

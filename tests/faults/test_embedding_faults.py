@@ -12,9 +12,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 
@@ -28,7 +29,7 @@ from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import NetworkError, RequestTimeoutError
 from heimdex_clip_contract.schema import ImageItem
 from tests.fixtures.engine import add_videos, embed_all
-from tests.fixtures.tcp import TcpServer
+from tests.fixtures.fake_servers import HttpServer, TcpServer
 
 SECRET = "faults-secret"
 MODEL = LoopbackConfig()
@@ -52,42 +53,27 @@ def test_each_job_is_signed_right_before_it_is_sent(store: VectorStore, storage:
     assert all(s.embedding is not None for s in store.scenes(video_id))
 
 
-class _DelayFirstJob:
+def _delay_first_job(upstream: str, delay_s: float) -> HttpServer:
     """A proxy in front of the worker that holds the first job past its URLs' expiry (a long queue)."""
+    first = threading.Event()
 
-    def __init__(self, upstream: str, delay_s: float) -> None:
-        import httpx
+    def answer(method: str, path: str, headers: Message, body: bytes) -> tuple[int, bytes]:
+        if not first.is_set():
+            first.set()
+            time.sleep(delay_s)
+        reply = httpx.post(upstream + path, content=body, timeout=30)
+        return reply.status_code, reply.content
 
-        first = threading.Event()
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                if not first.is_set():
-                    first.set()
-                    time.sleep(delay_s)
-                reply = httpx.post(upstream + self.path, content=body, timeout=30)
-                self.send_response(reply.status_code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(reply.content)))
-                self.end_headers()
-                self.wfile.write(reply.content)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    return HttpServer(answer)
 
 
 def test_expired_url_is_retried_with_a_fresh_one(store: VectorStore, storage: Storage) -> None:
     (video_id,) = set(add_videos(store, storage, 1, 4).values())
     with serve_in_thread(LoopbackConfig(latency_s=0.0, secret=SECRET, fetch=True)) as url:
-        proxy = _DelayFirstJob(url, delay_s=2.5)
+        proxy = _delay_first_job(url, delay_s=2.5)
         backend = RunPodBackend(_client(proxy.url, max_retries=1), storage, pretrained="x", expires_in=2)
         report = embed_all(store, backend, use_cache=False, batch_size=4, max_in_flight=1)
-        proxy.server.shutdown()
+        proxy.close()
     # The first attempt's URLs expired in the queue (image_download_failed in every slot); the client
     # sent exactly those images again with fresh URLs.
     assert (report.embedded, report.failed, report.jobs) == (4, 0, 1), report.failure_summary()
@@ -95,31 +81,16 @@ def test_expired_url_is_retried_with_a_fresh_one(store: VectorStore, storage: St
 
 
 # ------------------------------------------------------------------------- 9.4: bad vectors from a worker
-class _Worker:
-    """Answers /runsync with what ``answer(request_ids)`` returns as the job's results list."""
+def _worker(results: Callable[[list[str]], list[dict[str, Any]]]) -> HttpServer:
+    """Answers /runsync with what ``results(request_ids)`` returns as the job's results list."""
 
-    def __init__(self, answer: Callable[[list[str]], list[dict[str, Any]]]) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                job = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["input"]
-                ids = [img["request_id"] for img in job["images"]]
-                output = {"dim": MODEL.dim, "model": MODEL.model, "model_version": MODEL.model_version}
-                body = json.dumps(
-                    {"id": "j", "status": "COMPLETED", "output": output | {"results": answer(ids)}}
-                )
-                data = body.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+    def answer(method: str, path: str, headers: Message, body: bytes) -> tuple[int, bytes]:
+        ids = [img["request_id"] for img in json.loads(body)["input"]["images"]]
+        output = {"dim": MODEL.dim, "model": MODEL.model, "model_version": MODEL.model_version}
+        job = {"id": "j", "status": "COMPLETED", "output": output | {"results": results(ids)}}
+        return 200, json.dumps(job).encode()
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    return HttpServer(answer)
 
 
 def _unit(seed: int) -> np.ndarray:
@@ -151,10 +122,10 @@ def test_bad_vectors_fail_only_their_scene(store: VectorStore, storage: Storage)
             {"request_id": "never-sent", "embedding": encode_embedding(_unit(99), "json")},
         ]
 
-    worker = _Worker(answer)
+    worker = _worker(answer)
     backend = RunPodBackend(_client(worker.url, max_retries=0), storage, pretrained="x", expires_in=60)
     report = embed_all(store, backend, use_cache=False, batch_size=8, max_in_flight=1)
-    worker.server.shutdown()
+    worker.close()
 
     assert (report.embedded, report.failed) == (4, 4)
     stored = {s.index: s.embedding for s in store.scenes(video_id)}

@@ -8,10 +8,9 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from email.message import Message
 from pathlib import Path
 
 import dagster as dg
@@ -24,6 +23,7 @@ from heimdex_clip_assets.defs.resources import ClipInferenceResource, StorageRes
 from heimdex_clip_assets.defs.sensors import inbox_sensor, new_videos_sensor
 from heimdex_clip_assets.devservices.storage_server import EmbeddedStorage
 from heimdex_clip_assets.pipeline.register import VIDEO_ID_NAMESPACE, file_sha256
+from tests.fixtures.fake_servers import HttpServer
 
 STORAGE = StorageResource()
 RESOURCES = {"db": VectorStoreResource(), "storage": STORAGE, "clip": ClipInferenceResource(storage=STORAGE)}
@@ -31,49 +31,23 @@ RESOURCES = {"db": VectorStoreResource(), "storage": STORAGE, "clip": ClipInfere
 AWKWARD = ["back\\slash.mp4", "%ff.mp4", "new\nline.mp4", "x" * 226 + ".mp4"]
 
 
-class RefusingProxy:
+def refusing_proxy(upstream: str, refuse: str) -> HttpServer:
     """Forwards every request to the storage server, except uploads under ``refuse`` (a key prefix),
     which get Supabase's answer to an object over the size limit."""
 
-    def __init__(self, upstream: str, refuse: str) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def answer(method: str, path: str, headers: Message, body: bytes) -> tuple[int, bytes]:
+        if method in ("POST", "PUT") and refuse in path and "/object/sign/" not in path:
+            too_large = {
+                "statusCode": "413",
+                "error": "Payload too large",
+                "message": "The object exceeded the maximum allowed size",
+            }
+            return 400, json.dumps(too_large).encode()
+        forwarded = {k: v for k, v in headers.items() if k.lower() not in ("host", "content-length")}
+        reply = httpx.request(method, upstream + path, headers=forwarded, content=body)
+        return reply.status_code, reply.content
 
-            def _forward(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if (
-                    self.command in ("POST", "PUT")
-                    and refuse in self.path
-                    and "/object/sign/" not in self.path
-                ):
-                    data = json.dumps(
-                        {
-                            "statusCode": "413",
-                            "error": "Payload too large",
-                            "message": "The object exceeded the maximum allowed size",
-                        }
-                    ).encode()
-                    status = 400
-                else:
-                    headers = {
-                        k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")
-                    }
-                    reply = httpx.request(self.command, upstream + self.path, headers=headers, content=body)
-                    data, status = reply.content, reply.status_code
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_DELETE = _forward
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    return HttpServer(answer)
 
 
 def _drop(inbox: Path, source: Path, name: str) -> Path:
@@ -99,7 +73,7 @@ def test_a_refused_file_moves_aside_and_the_rest_register_in_the_same_run(
     _drop(inbox, videos[5], "plain.mp4")
     _drop(inbox, corrupt_video, "broken.mp4")
     refused_id = str(uuid.uuid5(VIDEO_ID_NAMESPACE, f"{heimdex_env.owner_id}/{file_sha256(refused)}"))
-    proxy = RefusingProxy(storage_server.url, refuse=f"/{heimdex_env.owner_id}/{refused_id}/")
+    proxy = refusing_proxy(storage_server.url, refuse=f"/{heimdex_env.owner_id}/{refused_id}/")
     monkeypatch.setenv("SUPABASE_URL", proxy.url)
 
     with dg.instance_for_test() as instance:
@@ -110,7 +84,7 @@ def test_a_refused_file_moves_aside_and_the_rest_register_in_the_same_run(
             .resolve_job_def("register_inbox")
             .execute_in_process(instance=instance, raise_on_error=False)
         )
-        proxy.server.shutdown()
+        proxy.close()
         assert run.success
         # The run's log (what the UI shows) says which files went aside and why.
         warnings = [r.user_message for r in instance.all_logs(run.run_id) if r.level == logging.WARNING]

@@ -31,7 +31,7 @@ from heimdex_clip_assets.devservices.storage_server import (
     service_key_for,
 )
 from heimdex_clip_contract.errors import NotFoundError, StorageError
-from tests.fixtures.tcp import TcpServer
+from tests.fixtures.fake_servers import TcpServer
 
 KiB, MiB = 1024, 1024 * 1024
 CHUNK = 64 * KiB
