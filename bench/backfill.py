@@ -62,21 +62,25 @@ TARGET_RATIO, TARGET_SPEEDUP = 0.8, 10.0
 def populate(
     store: VectorStore, storage: Storage, videos: int, per_video: int, size: tuple[int, int]
 ) -> list[str]:
-    """Videos with ``per_video`` scenes each, a distinct thumbnail per scene (no cache hits)."""
+    """Videos of one owner with ``per_video`` scenes each, in the seed's layout (thumbnails at
+    ``{owner}/{video}/thumbnails/scene_{i}.jpg``, ``thumbnail_url`` in public form); a distinct
+    thumbnail per scene (no cache hits)."""
     jpegs = [jpeg(*size, seed=i, quality=85) for i in range(64)]
     ids = [str(uuid.UUID(int=v + 1)) for v in range(videos)]
+    owner = str(uuid.UUID(int=1 << 64))
+    store.ensure_owner(owner)
 
     def one(v: int) -> None:
         video_id = ids[v]
-        store.upsert_video(
-            VideoRecord(id=video_id, storage_path=f"videos/{video_id}/v.mp4", status="scenes_ready")
+        store.add_video(
+            VideoRecord(id=video_id, owner_id=owner, storage_path=f"{owner}/{video_id}/source.mp4")
         )
         records = []
         for i in range(per_video):
-            path = f"thumbnails/{video_id}/{i}.jpg"
+            path = f"{owner}/{video_id}/thumbnails/scene_{i}.jpg"
             storage.upload(path, jpegs[(v + i) % len(jpegs)], content_type="image/jpeg")
-            records.append(SceneRecord(i, i, i + 1, i + 0.5, path, f"{video_id}-{i}"))
-        store.replace_scenes(video_id, records)
+            records.append(SceneRecord(i, i, i + 1, storage.public_url(path), i + 0.5, f"{video_id}-{i}"))
+        store.insert_scenes(video_id, records)
 
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(videos)))
