@@ -396,15 +396,6 @@ class VectorStore:
             row = conn.execute(f"{self._VIDEO_SELECT} WHERE v.id = %s", (video_id,)).fetchone()
         return None if row is None else self._video(row)
 
-    def list_video_ids(self, state: str | None = None) -> list[str]:
-        with self._connect(vectors=False) as conn:
-            rows = conn.execute(
-                f"SELECT v.id FROM public.videos v LEFT JOIN {SCHEMA}.videos p ON p.video_id = v.id"
-                " WHERE %(state)s::text IS NULL OR p.state = %(state)s ORDER BY v.created_at, v.id",
-                {"state": state},
-            ).fetchall()
-        return [str(row["id"]) for row in rows]
-
     def videos_registered_after(self, cursor: str | None, limit: int) -> list[RegisteredVideo]:
         """Videos (the project's and the seed system's) created after ``cursor`` (a previous result's
         ``.cursor``), oldest first. Ordered by (created_at, id) so ties neither repeat nor skip a video."""
