@@ -133,21 +133,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_demo)
 
-    p = command(
-        "storage-server",
-        "Start (or find) the embedded storage server; print its URL and key. It keeps running.",
-        backend=False,
-        keep_services=None,
-    )
-    p.set_defaults(func=cmd_storage_server)
-
-    p = command(
-        "stop",
-        "Stop the embedded PostgreSQL and storage server of HEIMDEX_HOME; their data stays.",
-        backend=False,
-        keep_services=None,
-    )
-    p.set_defaults(func=cmd_stop)
+    # The embedded services themselves: no CLIP, nothing to keep running afterwards.
+    for name, help_text, func in (
+        (
+            "storage-server",
+            "Start (or find) the embedded storage server; print its URL and key. It keeps running.",
+            cmd_storage_server,
+        ),
+        (
+            "stop",
+            "Stop the embedded PostgreSQL and storage server of HEIMDEX_HOME; their data stays.",
+            cmd_stop,
+        ),
+    ):
+        command(name, help_text, backend=False, keep_services=None).set_defaults(func=func)
     return parser
 
 
