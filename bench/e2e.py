@@ -19,10 +19,13 @@ import argparse
 import os
 import pstats
 import re
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from _common import add_video_args, clip_env, isolated_home, load_note, sample_video, timed
@@ -32,7 +35,9 @@ from heimdex_clip_assets.cli.common import REPO_ROOT
 from heimdex_clip_assets.config import Settings
 
 TARGET_X = 15.0
-KEYFRAME_STAGES = ("download", "detect", "thumbnails", "upload", "db")
+# Embedding while detecting (process-video, demo): "model_wait" for the model before detection starts,
+# "embed" what is left of the embedding once detection is over.
+KEYFRAME_STAGES = ("download", "model_wait", "detect", "thumbnails", "upload", "db", "embed")
 
 
 def batch_costs(settings: Settings, video_id: str) -> list[tuple[int, float]]:
@@ -84,7 +89,7 @@ def run_breakdown(
         if step.step_key == "scene_keyframes":
             seconds = meta["scene_keyframes"]["stage_seconds"]
             assert isinstance(seconds, dict), seconds
-            inner = {f"keyframes: {k}": float(seconds[k]) for k in KEYFRAME_STAGES}
+            inner = {f"keyframes: {k}": float(seconds[k]) for k in KEYFRAME_STAGES if k in seconds}
         elif step.step_key == "scene_clip_embeddings":
             # The engine's wall_s: thumbnail reads + decode + encode + the DB writes. The rest of the
             # step is mostly the model load (the local backend is built inside the step).
@@ -96,15 +101,19 @@ def run_breakdown(
     return parts, batch_costs(settings, run.tags["dagster/partition"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_video_args(parser, scenes=60, scene_seconds=3.0)
-    parser.add_argument("--cold", action="store_true", help="let the demo start the embedded services")
-    parser.add_argument("--profile", action="store_true", help="run the demo under cProfile; print top 25")
-    args = parser.parse_args()
+@dataclass
+class DemoRun:
+    wall: float
+    cpu_s: float
+    duration: float
+    summary: str
+    parts: dict[str, float]
+    batch_ms: list[tuple[int, float]]
+    services_s: float
 
+
+def run_demo(args: argparse.Namespace, code: Path | None) -> DemoRun:
+    """One `heimdex-clip demo` in a fresh HEIMDEX_HOME, of this checkout's code or of ``code``'s."""
     with isolated_home() as home:
         os.environ.update(clip_env(args, home))
         video, duration = sample_video(args, home)
@@ -123,33 +132,92 @@ def main() -> None:
         dagster_home.mkdir()
         shutil.copy(REPO_ROOT / "dagster.yaml", dagster_home)
         os.environ["DAGSTER_HOME"] = str(dagster_home)
+        env = dict(os.environ)
+        if code is not None:  # the other checkout's package first on the path, in the same venv
+            env["PYTHONPATH"] = os.pathsep.join([str(code), *env.get("PYTHONPATH", "").split(os.pathsep)])
         cli = Path(sys.prefix) / "bin" / "heimdex-clip"
         profile = home / "demo.prof"
         command = [str(cli), "demo", str(video)]
         if args.profile:
-            command = [sys.executable, "-m", "cProfile", "-o", str(profile), *command]
+            # The command ends in os._exit (no interpreter teardown), which `python -m cProfile` never
+            # survives to write its file: profile main() itself, imports included.
+            runner = (
+                "import cProfile, sys; p = cProfile.Profile(); p.enable()\n"
+                "from heimdex_clip_assets.cli import main\n"
+                "code = main(sys.argv[2:]); p.disable(); p.dump_stats(sys.argv[1]); sys.exit(code)"
+            )
+            command = [sys.executable, "-c", runner, str(profile), "demo", str(video)]
+        cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.time()
-        proc, wall = timed(lambda: subprocess.run(command, capture_output=True, text=True, check=False))
+        proc, wall = timed(
+            lambda: subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+        )
         ended = time.time()
+        cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU seconds are steadier than wall time on a shared machine, and cpu / wall says how much of
+        # the cores the demo kept busy: what overlapping its stages can still win.
+        cpu_s = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
         if proc.returncode != 0:
             sys.exit(f"demo failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         parts, batch_ms = run_breakdown(settings, started, ended)
         if args.profile:
             pstats.Stats(str(profile)).sort_stats("cumulative").print_stats(25)
-
     summary = re.search(r"(\d+) scenes from .*realtime\)", proc.stdout)
-    print(f"demo says: {summary.group(0) if summary else '?'} (its timer starts after imports)")
+    return DemoRun(wall, cpu_s, duration, summary.group(0) if summary else "?", parts, batch_ms, services_s)
+
+
+def report(run: DemoRun) -> None:
+    print(f"demo says: {run.summary} (its timer starts after imports)")
     print(f"{'part':62s} {'seconds':>8s} {'share':>6s}")
-    for name, seconds in parts.items():
-        print(f"{name:62s} {seconds:8.2f} {seconds / wall:6.1%}")
+    for name, seconds in run.parts.items():
+        print(f"{name:62s} {seconds:8.2f} {seconds / run.wall:6.1%}")
     # The demo's encoder is cold: the first forward pass of each batch shape pays oneDNN's setup.
-    print("encode_bytes per batch: " + ", ".join(f"{n} img @ {ms:.0f} ms/img" for n, ms in batch_ms))
-    x = duration / wall
+    print("encode_bytes per batch: " + ", ".join(f"{n} img @ {ms:.0f} ms/img" for n, ms in run.batch_ms))
+    x = run.duration / run.wall
     verdict = "ok" if x >= TARGET_X else "MISSED"
-    print(f"total: {wall:.2f} s for {duration:.0f} s of video = {x:.1f}x realtime", end=" ")
+    cores = f"{run.cpu_s / run.wall:.2f} of {os.cpu_count()} cores on average"
+    print(f"demo CPU: {run.cpu_s:.2f} s (user + sys) = {cores}")
+    print(f"total: {run.wall:.2f} s for {run.duration:.0f} s of video = {x:.1f}x realtime", end=" ")
     print(f"(target >= {TARGET_X:g}x: {verdict})")
-    if services_s:
-        print(f"with the first services start: {duration / (wall + services_s):.1f}x realtime")
+    if run.services_s:
+        print(f"with the first services start: {run.duration / (run.wall + run.services_s):.1f}x realtime")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_video_args(parser, scenes=60, scene_seconds=3.0)
+    parser.add_argument("--cold", action="store_true", help="let the demo start the embedded services")
+    parser.add_argument("--profile", action="store_true", help="run the demo under cProfile; print top 25")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. `git worktree add /tmp/base main`): its demo and this one's run in "
+        "turns, --rounds times each, on the same video and machine, and the medians are compared",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="runs of each side with --baseline (default 2)")
+    args = parser.parse_args()
+
+    if args.baseline is None:
+        run = run_demo(args, None)
+        report(run)
+        print(load_note())
+        return
+    runs: dict[str, list[DemoRun]] = {"baseline": [], "this checkout": []}
+    for round_no in range(args.rounds):
+        for side, code in (("baseline", args.baseline.resolve()), ("this checkout", None)):
+            print(f"--- round {round_no + 1}: {side}")
+            run = run_demo(args, code)
+            report(run)
+            runs[side].append(run)
+    print(f"--- {args.rounds} round(s), alternating; median of each side")
+    for side, side_runs in runs.items():
+        wall = statistics.median(r.wall for r in side_runs)
+        cpu = statistics.median(r.cpu_s for r in side_runs)
+        duration = side_runs[0].duration
+        walls = ", ".join(f"{r.wall:.1f}" for r in side_runs)
+        print(f"{side:14s} {duration / wall:5.1f}x realtime  wall {wall:5.2f} s ({walls})  CPU {cpu:5.2f} s")
     print(load_note())
 
 
