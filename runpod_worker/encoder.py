@@ -15,7 +15,7 @@ import os
 import threading
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,6 +37,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 # batches gain nothing and only hold memory.
 _CUDA_BATCH = 512
 _CPU_BATCH = 32
+_DEFAULT_THREADS = torch.get_num_threads()  # torch's choice at start: one per physical core
 # Pixels resized per call on the GPU: the float copy of 128 720p frames is ~1.4 GB, bounded on any card,
 # while a whole 512-batch of ~480x270 thumbnails fits in one call (one launch per kernel, not four).
 _RESIZE_PIXELS = 128 * 1280 * 720
@@ -112,6 +113,41 @@ class _RandomInitNotice(logging.Filter):
         logging.getLogger().removeFilter(self)
 
 
+@contextlib.contextmanager
+def _no_random_init(skip: bool) -> Iterator[None]:
+    """Build modules without drawing their random initial weights, when a checkpoint overwrites them.
+
+    Drawing ViT-B-32's ~150M random numbers costs ~1.4 s of CPU per load, all thrown away: open_clip
+    loads a full checkpoint with ``strict=True``, so every parameter and persistent buffer is replaced
+    (the other buffers, such as the causal mask, are computed, not drawn). ``torch.nn.init``'s in-place
+    initialisers leave the tensor as it is meanwhile. Callers hold ``_LOAD_LOCK``: no other model is
+    being built in this process while they are patched.
+    """
+    if not skip:
+        yield
+        return
+    saved = {name: getattr(torch.nn.init, name) for name in _INITIALISERS}
+    for name in saved:
+        setattr(torch.nn.init, name, _leave_as_is)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def _leave_as_is(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return tensor
+
+
+_INITIALISERS = tuple(
+    name
+    for name in dir(torch.nn.init)
+    if name.endswith("_") and not name.startswith("_") and callable(getattr(torch.nn.init, name))
+)
+_LOAD_LOCK = threading.Lock()
+
+
 @dataclass
 class ClipEncoder:
     """CLIP image/text encoder; build it with :meth:`load`. Thread-safe: model calls are serialised."""
@@ -159,7 +195,11 @@ class ClipEncoder:
         if weights and weights_are_file(weights) and not os.path.isfile(weights):
             raise ConfigError(f"CLIP_PRETRAINED file not found: {weights}")
         try:
-            with _RandomInitNotice() if weights is None else contextlib.nullcontext():
+            with (
+                _RandomInitNotice() if weights is None else contextlib.nullcontext(),
+                _LOAD_LOCK,
+                _no_random_init(skip=weights is not None and not weights.endswith((".npz", ".npy"))),
+            ):
                 model, _, preprocess = open_clip.create_model_and_transforms(
                     model_name,
                     pretrained=weights,
@@ -344,6 +384,12 @@ class ClipEncoder:
             torch.tensor(self.mean, device=self.device).view(shape),
             torch.tensor(self.std, device=self.device).view(shape),
         )
+
+    def limit_threads(self, threads: int | None) -> None:
+        """Cores a CPU forward pass may use from now on: ``threads``, or (None) torch's default, one per
+        core. For a process that runs other CPU work beside the model (scene detection)."""
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or _DEFAULT_THREADS)
 
     # ------------------------------------------------------------------------------------ encoding
     def encode_tensors(self, batch: torch.Tensor, *, normalize: bool = True) -> np.ndarray:

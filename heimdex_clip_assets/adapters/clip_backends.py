@@ -100,6 +100,10 @@ class ClipBackend(ABC):
         self.model_version = model_version
         self.dim = dim
 
+    def limit_threads(self, threads: int | None) -> None:
+        """Cores this process's forward passes may use (None: all); only the in-process backend has any."""
+        return  # remote and disabled backends run no forward pass here
+
     @abstractmethod
     def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
         """Embed ``images`` as one job: one result per image, in order. Raises for a job that failed as a
@@ -261,6 +265,9 @@ class LocalBackend(ClipBackend):
         self.device = str(encoder.device)
         self.storage = storage
         self._downloads = ThreadPoolExecutor(DOWNLOAD_THREADS, thread_name_prefix="clip-download")
+
+    def limit_threads(self, threads: int | None) -> None:
+        self.encoder.limit_threads(threads)
 
     def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
         started = time.perf_counter()

@@ -110,6 +110,9 @@ def materialize_video(video_id: str, settings: Settings) -> None:
                 run_config={
                     # The command's backend (a --backend flag included) for the assets and the checks.
                     "resources": {"clip": {"config": {"backend": settings.clip_backend}}},
+                    # A person waits for this one video: with the local backend, its keyframes are
+                    # embedded while it is still being decoded (no other run shares this process).
+                    "ops": {"scene_keyframes": {"config": {"embed_while_detecting": True}}},
                     # The command prints its own results and one-sentence errors; Dagster's console log
                     # would add every step event and, on failure, a traceback. The run's full log stays
                     # in the instance.

@@ -7,10 +7,12 @@ return ``MaterializeResult``s, never values for an IO manager (which cannot stor
 
 import base64
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import dagster as dg
+from pydantic import Field
 
 from heimdex_clip_assets.adapters.db import VideoRecord
 from heimdex_clip_assets.config import Settings
@@ -41,6 +43,13 @@ class SceneDetectionConfig(dg.Config):
     threshold: float | None = SceneParams.threshold
     min_scene_len_s: float = SceneParams.min_scene_len_s
     thumbnail_max_side: int = SceneParams.thumbnail_max_side
+    embed_while_detecting: bool = Field(
+        default=False,
+        description="With the local backend, embed each keyframe as soon as its scene ends, while the video "
+        "is still being decoded (what process-video and demo ask for: the model's load and its forward "
+        "passes overlap with decoding); scene_clip_embeddings then does only what is left. Off for the "
+        "sensor's and backfills' runs, whose embedding waits for a clip_inference slot.",
+    )
 
 
 INTERRUPTED = (
@@ -107,13 +116,27 @@ def scene_keyframes(
     # Decoding mostly releases the GIL, so importing torch and loading the model (~4 s of CPU) overlaps
     # with it; the embedding step then finds the model ready in this process.
     clip.preload()
-    store, files, params = db.get(), storage.get(), SceneParams(**config.model_dump())
-    scene_count, rejected = 0, {}
+    store, files = db.get(), storage.get()
+    params = SceneParams(**config.model_dump(exclude={"embed_while_detecting"}))
+    settings = clip.settings()
+    embedder: Callable[[], embed.KeyframeEmbedder] | None = None
+    if config.embed_while_detecting and settings.clip_backend == "local":
+        # The backend is asked for in the embedder's own thread: detection starts while the model loads.
+        embedder = partial(
+            embed.KeyframeEmbedder,
+            partial(clip.get, files),
+            batch_size=settings.clip_batch_size,
+            logger=context.log,
+        )
+
+    scene_count, embedded, rejected = 0, 0, {}
     report = None
     for video_id in context.partition_keys:
         try:
             with _failure_says_what_to_do():
-                report = keyframes.extract_keyframes(video_id, store=store, storage=files, params=params)
+                report = keyframes.extract_keyframes(
+                    video_id, store=store, storage=files, params=params, embedder=embedder
+                )
         except dg.Failure as failure:
             # A video we cannot decode is marked failed; the others of the range go on.
             if not isinstance(failure.__cause__, InvalidVideoError):
@@ -123,6 +146,7 @@ def scene_keyframes(
             continue
         video = report.video
         scene_count += len(report.scenes)
+        embedded += report.embedded
         if report.adopted:
             context.log.info(
                 f"Video {video.id}: adopted its {len(report.scenes)} existing scenes "
@@ -140,6 +164,8 @@ def scene_keyframes(
             allow_retries=False,
         )
     metadata: dict[str, object] = {"videos": len(context.partition_keys), "scene_count": scene_count}
+    if embedder is not None:
+        metadata["embedded_while_detecting"] = embedded
     if report is not None and len(context.partition_keys) == 1:
         video = report.video
         metadata |= {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -115,16 +115,20 @@ def detect_scenes_and_keyframes(
     min_scene_len_s: float = 0.5,
     candidates: int = 3,
     max_side: int | None = 480,
+    on_keyframe: Callable[[Keyframe], None] | None = None,
 ) -> tuple[list[Scene], list[Keyframe]]:
     """Split a video into scenes and choose each scene's sharpest usable frame, in ONE decode pass.
 
     A video without cuts is one scene. ``threshold`` is the chosen detector's own (content: 27,
     adaptive: 3, threshold: 12 by default). The keyframe is the best of ``candidates`` frames near
     evenly spaced points of the scene (25/50/75 % for three); ``max_side`` bounds its size (None: full).
+    ``on_keyframe`` is called with each keyframe, in order, as soon as its scene ends (the next cut),
+    while the rest of the video is still being decoded: the same keyframes the result lists.
     """
     if candidates < 1:
         raise ValueError(f"candidates must be at least 1, got {candidates}")
     scene_detector = _make_detector(detector, threshold, min_scene_len_s)
+    keyframes: list[Keyframe] = []
     with _open_video(path) as (container, stream):
         # Frame threads: decoding is most of the cost and otherwise runs on one core.
         stream.thread_type = "AUTO"
@@ -137,6 +141,20 @@ def detect_scenes_and_keyframes(
         frame_bytes = width * height * 3 // 2  # yuv420p, what nearly every video decodes to
         pool_size = max(4, min(_POOL_SIZE, _POOL_BYTES // (2 * frame_bytes)))
         pool = _CandidatePool(candidates, pool_size, step)
+
+        def take_keyframes() -> None:
+            """The keyframes of the scenes closed since the last call, made and handed on now."""
+            for _, _, best in pool.picks[len(keyframes) :]:
+                keyframe = Keyframe(
+                    len(keyframes),
+                    FrameTimecode(best.frame_no, rate).seconds,
+                    _to_image(best.frame, max_side),
+                    *best.score,
+                )
+                keyframes.append(keyframe)
+                if on_keyframe is not None:
+                    on_keyframe(keyframe)
+
         last = -1
         for last, frame in enumerate(_decode(container, stream)):
             if last % step:
@@ -145,12 +163,14 @@ def detect_scenes_and_keyframes(
             image = _small_bgr(frame, small)
             for cut in scene_detector.process_frame(FrameTimecode(last, rate), image):
                 pool.cut(cut.frame_num)
+                take_keyframes()
         if last < 0:
             raise _undecodable(path, "no frame decodes")
         # Some detectors (threshold: a fade-out at the end) only report cuts once the video is over.
         for cut in scene_detector.post_process(FrameTimecode(last, rate)):
             pool.cut(cut.frame_num)
         picks = pool.close(last + 1)
+        take_keyframes()
         if stream.duration is not None and stream.time_base is not None:
             duration_s = float(stream.duration * stream.time_base)
         else:
@@ -161,10 +181,6 @@ def detect_scenes_and_keyframes(
     ]
     # The last frame can end a little before the container's duration; the scenes must tile the video.
     scenes[-1] = Scene(scenes[-1].index, scenes[-1].start_s, max(scenes[-1].end_s, duration_s))
-    keyframes = [
-        Keyframe(i, FrameTimecode(c.frame_no, rate).seconds, _to_image(c.frame, max_side), *c.score)
-        for i, (_, _, c) in enumerate(picks)
-    ]
     return scenes, keyframes
 
 
@@ -324,6 +340,11 @@ class _CandidatePool:
         self._frames = [f for f in self._frames if f[0] >= frame_no]
         self._picks.append((self._start, frame_no, self._pick(frame_no, inside or self._frames[:1])))
         self._start, self._spacing = frame_no, self._base_spacing
+
+    @property
+    def picks(self) -> list[tuple[int, int, _Scored]]:
+        """(start, end, keyframe) of each scene closed so far."""
+        return self._picks
 
     def close(self, end: int) -> list[tuple[int, int, _Scored]]:
         """Close the last scene at ``end`` (one past the last frame): (start, end, keyframe) per scene."""

@@ -310,3 +310,110 @@ def embed_videos(
     report = engine.run(store.iter_scenes_to_embed(backend.model_version, video_ids=video_ids, force=force))
     store.refresh_embedding_status(video_ids, backend.model_version)
     return report
+
+
+class KeyframeEmbedder:
+    """Embeds a video's keyframes while its scenes are still being detected (the in-process backend).
+
+    Detection hands over each thumbnail as its scene ends (:meth:`submit`); a thread of its own embeds
+    them in batches of ``min_batch`` to ``batch_size`` (whatever is waiting when the model is free) from
+    their bytes, so the model's load and its forward passes overlap with decoding instead of following
+    it. Vectors are kept by scene index until the scenes have rows (:meth:`results`); the caller writes
+    them. It never fails the detection: a scene it could not embed is simply not in the results, and
+    the embedding step (the engine) does it, with its own retries and error reports. Bytes are what
+    the thumbnail in storage holds, so the vectors are those the engine would make from it.
+    """
+
+    def __init__(
+        self,
+        backend: Callable[[], ClipBackend],
+        *,
+        batch_size: int,
+        min_batch: int = 8,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+    ) -> None:
+        self._backend = backend
+        self.batch_size = max(1, batch_size)
+        self.min_batch = max(1, min(min_batch, self.batch_size))
+        self.log = logger or log
+        self._queue: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        self._results: dict[int, EmbeddingResult] = {}
+        self._cancelled = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="clip-keyframes", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self) -> None:
+        """Wait until the model is loaded (or could not be).
+
+        Loading it is mostly importing torch and open_clip: Python code that holds the GIL. Beside it,
+        the decoder waits for the GIL after every frame (up to the 5 ms switch interval each time) and
+        detection slows several-fold; so detection starts once the load is over, and only the forward
+        passes, which release the GIL, overlap with it.
+        """
+        while not self._ready.wait(_WAIT_S):  # timed, so a signal still reaches the main thread
+            pass
+
+    def submit(self, index: int, jpeg: bytes) -> None:
+        self._queue.put((index, jpeg))
+
+    def results(self) -> dict[int, EmbeddingResult]:
+        """Wait for every submitted keyframe; its vector by scene index (those it could embed)."""
+        self._queue.put(None)
+        while self._thread.is_alive():
+            self._thread.join(_WAIT_S)  # timed, so a signal still reaches the main thread
+        return self._results
+
+    def cancel(self) -> None:
+        """Stop without waiting for what is queued (the detection failed or was interrupted)."""
+        self._cancelled.set()
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        pending: list[tuple[int, bytes]] = []
+        closed = False
+        backend: ClipBackend | None = None
+        try:
+            try:
+                backend = self._backend()  # waits for the model when it is still loading
+            finally:
+                self._ready.set()
+            while not (closed and not pending) and not self._cancelled.is_set():
+                # Block for the next keyframe unless a batch is ready or the stream has ended.
+                while not closed and len(pending) < self.min_batch:
+                    item = self._queue.get()
+                    if item is None:
+                        closed = True
+                    else:
+                        pending.append(item)
+                while not closed and len(pending) < self.batch_size:  # and take what else is waiting
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        closed = True
+                    else:
+                        pending.append(item)
+                batch, pending = pending[: self.batch_size], pending[self.batch_size :]
+                if batch and not self._cancelled.is_set():
+                    # One core while the video is still decoding (which keeps both busy): two compute
+                    # threads beside the decoder's spin at every barrier and burn the CPU both need.
+                    backend.limit_threads(None if closed else 1)
+                    self._embed(backend, batch)
+        except ClipError as exc:  # the model could not load, or a systemic error: the engine will say
+            self.log.warning(f"Embedding while detecting stopped ({exc.message}); the embedding step goes on")
+        finally:
+            if backend is not None:
+                backend.limit_threads(None)
+
+    def _embed(self, backend: ClipBackend, batch: list[tuple[int, bytes]]) -> None:
+        try:
+            results = backend.embed([SceneImage(key=index, data=jpeg) for index, jpeg in batch])
+        except SYSTEMIC_ERRORS:
+            raise
+        except ClipError:
+            return  # the whole batch failed: the embedding step does these scenes
+        for (index, _), result in zip(batch, results, strict=True):
+            if isinstance(result, EmbeddingResult):
+                self._results[index] = result

@@ -46,6 +46,33 @@ def test_local_backend_end_to_end(local_env: Settings, sample_video: Path, regis
     assert [r["has_clip"] for r in rows] == [True] * 4
 
 
+def test_embedding_while_detecting_gives_the_engines_vectors(
+    local_env: Settings, sample_video: Path, register, materialize
+) -> None:
+    """process-video and demo embed each keyframe as its scene ends; the embedding step then has nothing
+    left, and the vectors are those the engine makes from the thumbnails in storage."""
+    video_id = register(sample_video)
+    streaming = {"ops": {"scene_keyframes": {"config": {"embed_while_detecting": True}}}}
+    result = materialize(video_id, run_config=streaming)
+    assert result.success
+    mats = {
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in result.get_asset_materialization_events()
+    }
+    assert mats["scene_keyframes"]["embedded_while_detecting"].value == 4
+    assert {"model_wait", "embed"} <= set(mats["scene_keyframes"]["stage_seconds"].value)
+    assert mats["scene_clip_embeddings"]["computed"].value == 0
+    assert all(_checks(result).values())
+    store = services.vector_store(local_env)
+    early = {s.index: s.embedding for s in store.scenes(video_id)}
+    assert len(early) == 4 and all(s.metadata["backend"] == "local" for s in store.scenes(video_id))
+
+    store.clear_embeddings(video_id)  # otherwise the sha256 cache answers instead of the model
+    assert materialize(video_id, job="embed_scenes").success
+    for scene in store.scenes(video_id):
+        assert float(np.dot(scene.embedding, early[scene.index])) >= 0.99999
+
+
 def test_runpod_backend_matches_local(
     local_env: Settings,
     sample_video: Path,

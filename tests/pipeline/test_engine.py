@@ -11,14 +11,18 @@ from collections.abc import Iterator
 
 import dagster as dg
 import httpx
+import numpy as np
 import pytest
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG, ASSET_PARTITION_RANGE_START_TAG
 
+from heimdex_clip_assets.adapters.clip_backends import LocalBackend
 from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig, serve_in_thread
-from heimdex_clip_assets.pipeline.embed import EmbeddingEngine
+from heimdex_clip_assets.devservices.synthetic import jpeg
+from heimdex_clip_assets.pipeline.embed import EmbeddingEngine, KeyframeEmbedder
+from heimdex_clip_contract.errors import ConfigError
 from tests.fixtures.engine import add_videos, loopback_backend
 
 SECRET = "engine-test-secret"
@@ -126,3 +130,30 @@ def test_ui_backfill_of_30_partitions_is_a_few_runs(heimdex_env: Settings) -> No
     assert 0 < len(runs) < 30
     covered = {(r.tags[ASSET_PARTITION_RANGE_START_TAG], r.tags[ASSET_PARTITION_RANGE_END_TAG]) for r in runs}
     assert covered == {(keys[0], keys[-1])}  # HEIMDEX_PARTITIONS_PER_RUN=100: one range, both assets
+
+
+def test_keyframe_embedder_leaves_what_it_cannot_embed_to_the_engine(worker_encoder) -> None:
+    """Embedding while detecting never fails the detection: a bad image or a model that cannot load just
+    leaves those scenes out of its results (the embedding step does them, and reports why)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    backend = LocalBackend(worker_encoder, None, model_version="v")
+    embedder = KeyframeEmbedder(lambda: backend, batch_size=4, min_batch=2)
+    embedder.wait_ready()
+    images = [jpeg(seed=0), b"junk", jpeg(seed=1), jpeg(seed=2), jpeg(seed=3)]
+    for index, data in enumerate(images):
+        embedder.submit(index, data)
+    results = embedder.results()
+    assert sorted(results) == [0, 2, 3, 4]
+    expected = worker_encoder.encode_bytes([images[0]])[0]
+    assert float(np.dot(results[0].vector, expected)) >= 0.99999
+    assert torch.get_num_threads() == threads  # one core while detecting, all of them again after
+
+    def no_model() -> LocalBackend:
+        raise ConfigError("no weights here")
+
+    broken = KeyframeEmbedder(no_model, batch_size=4)
+    broken.wait_ready()
+    broken.submit(0, jpeg())
+    assert broken.results() == {}

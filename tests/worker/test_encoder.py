@@ -22,6 +22,22 @@ def test_loaded_once_with_public_fields(worker_encoder: ClipEncoder) -> None:
     assert e.model_version == "vit-b-32-random-vit-b-32-v1"
 
 
+def test_loading_weights_skips_random_init_and_gives_open_clips_model(
+    worker_encoder: ClipEncoder, clip_checkpoint: Path
+) -> None:
+    # The load leaves the random initialisation out (the checkpoint replaces every weight): the model is
+    # open_clip's own load of the same file, tensor for tensor, computed buffers included.
+    import open_clip
+
+    reference = open_clip.create_model("ViT-B-32", pretrained=str(clip_checkpoint)).eval()
+    ours = dict(worker_encoder.model.state_dict(keep_vars=True)) | dict(worker_encoder.model.named_buffers())
+    theirs = dict(reference.state_dict(keep_vars=True)) | dict(reference.named_buffers())
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    # And torch.nn.init is itself again once the load is over.
+    assert torch.nn.init.normal_(torch.zeros(1000)).std() > 0.5
+
+
 def test_decode_matches_open_clip_preprocess(worker_encoder: ClipEncoder) -> None:
     buf = io.BytesIO()
     Image.open(io.BytesIO(jpeg(400, 300))).save(buf, "PNG")  # PNG: no draft, so exactly open_clip's path
