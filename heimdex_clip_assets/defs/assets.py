@@ -124,7 +124,7 @@ def scene_keyframes(
         # The backend is asked for in the embedder's own thread: detection starts while the model loads.
         embedder = partial(
             embed.KeyframeEmbedder,
-            partial(clip.get, files),
+            clip.get,
             batch_size=settings.clip_batch_size,
             logger=context.log,
         )
