@@ -1,12 +1,13 @@
 """A loopback stand-in for the RunPod worker: the same wire contract, a configurable latency, no model.
 
 For benches and tests of everything on the caller's side of RunPod (packing, jobs in flight, signing,
-validation, writes): it verifies each job's signature with the contract's :class:`Verifier`, optionally
-downloads every signed URL (as the worker does), waits ``latency_s`` per job (queue, network and GPU time
-of a real endpoint), and answers with deterministic unit vectors (seeded by each URL's path, so the same
-thumbnail always gets the same vector; an expired or refused URL fails its slot with
-``image_download_failed``, as on the worker). ``GET /stats`` says how many jobs and images it served and how
-many jobs overlapped at most; the last jobs' request ids show which scenes travelled together.
+validation, writes): it verifies each job's signature with the contract's :class:`Verifier`, waits until
+``latency_s`` after the job arrived (queue, network and GPU time of a real endpoint; its own checking and
+vector making happen within that time, so they never add to it), optionally downloads every signed URL
+then (as the worker does), and answers with deterministic unit vectors (seeded by each URL's path, so the
+same thumbnail always gets the same vector; an expired or refused URL fails its slot with
+``image_download_failed``, as on the worker). ``GET /stats`` says how many jobs and images it served and
+how many jobs overlapped at most; the last jobs' request ids show which scenes travelled together.
 
     python -m heimdex_clip_assets.devservices.loopback_worker --port 8800 --latency-ms 200
 
@@ -101,7 +102,9 @@ def create_app(config: LoopbackConfig) -> Starlette:
 
             return list(await asyncio.gather(*(one(u) for u in urls)))
 
-    async def run_job(job_input: Any) -> dict[str, Any]:
+    async def run_job(job_input: Any, arrived: float) -> dict[str, Any]:
+        """The job's answer ``latency_s`` after it ``arrived`` (loop time): the endpoint's own work
+        (checking, vectors) happens inside that wait, so it never adds to the latency it stands for."""
         stats.in_flight += 1
         stats.max_in_flight = max(stats.max_in_flight, stats.in_flight)
         try:
@@ -111,8 +114,9 @@ def create_app(config: LoopbackConfig) -> Starlette:
             if verifier is not None:
                 verifier.verify(request.message, request.ts, request.sig)
             urls = [item.image_url for item in request.items]
+            embeddings = [encode_embedding(_vector(url, config.dim), request.encoding) for url in urls]
             # The wait comes first, as on RunPod: a job queues, then its worker downloads the images.
-            await asyncio.sleep(config.latency_s)
+            await asyncio.sleep(max(0.0, arrived + config.latency_s - asyncio.get_running_loop().time()))
             errors = await fetch_all(urls) if config.fetch else [None] * len(urls)
         except ClipError as err:
             return {"status": "FAILED", "error": encode_job_error(err)["error"]}
@@ -133,10 +137,10 @@ def create_app(config: LoopbackConfig) -> Starlette:
             if err is not None
             else {
                 "request_id": item.request_id,
-                "embedding": encode_embedding(_vector(item.image_url, config.dim), request.encoding),
+                "embedding": embedding,
                 "timings": {"download_ms": 0.0, "inference_ms": 0.0},
             }
-            for item, err in zip(request.items, errors, strict=True)
+            for item, embedding, err in zip(request.items, embeddings, errors, strict=True)
         ]
         if not request.batch:
             if errors[0] is not None:
@@ -147,13 +151,15 @@ def create_app(config: LoopbackConfig) -> Starlette:
         return {"status": "COMPLETED", "output": output}
 
     async def runsync(request: Request) -> JSONResponse:
+        arrived = asyncio.get_running_loop().time()
         body = await request.json()
-        return JSONResponse({"id": uuid.uuid4().hex, **await run_job(body.get("input"))})
+        return JSONResponse({"id": uuid.uuid4().hex, **await run_job(body.get("input"), arrived)})
 
     async def run(request: Request) -> JSONResponse:
+        arrived = asyncio.get_running_loop().time()
         job_id = uuid.uuid4().hex
         body = await request.json()
-        finished[job_id] = {"id": job_id, **await run_job(body.get("input"))}
+        finished[job_id] = {"id": job_id, **await run_job(body.get("input"), arrived)}
         return JSONResponse({"id": job_id, "status": "IN_QUEUE"})
 
     async def status(request: Request) -> JSONResponse:

@@ -181,6 +181,7 @@ class ObjectStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._tops: dict[Path, Path] = {}
 
     def _bucket_dir(self, bucket: str) -> Path:
         if not _BUCKET_RE.fullmatch(bucket):
@@ -215,16 +216,34 @@ class ObjectStore:
             raise _duplicate("BucketAlreadyExists") from None
         _write_atomic(folder / "bucket.json", json.dumps(info).encode())
 
-    def _paths(self, bucket: str, key: str) -> tuple[Path, Path]:
-        self.bucket(bucket)
+    def _paths(self, bucket: str, key: str, *, bucket_checked: bool = False) -> tuple[Path, Path]:
+        if not bucket_checked:
+            self.bucket(bucket)
         base = self._bucket_dir(bucket)
         check_object_path(key)
         data, meta = base / "objects" / key, base / "meta" / f"{key}.json"
         # Belt and braces after check_object_path: symlinks planted on disk still cannot lead out.
         for path, top in ((data, base / "objects"), (meta, base / "meta")):
-            if not path.resolve().is_relative_to(top.resolve()):
+            if not path.resolve().is_relative_to(self._resolved(top)):
                 raise _invalid_key(key)
         return data, meta
+
+    def _resolved(self, top: Path) -> Path:
+        """A bucket's objects or meta folder, resolved once (a symlink planted there later is refused
+        all the same: what it leads to is not under the folder as first resolved)."""
+        if top not in self._tops:
+            self._tops[top] = top.resolve()
+        return self._tops[top]
+
+    def signable(self, bucket: str, keys: list[str]) -> list[bool]:
+        """Whether each key is an object of ``bucket`` (checked once), without reading its metadata:
+        signing a job's few hundred thumbnails is one call."""
+        self.bucket(bucket)
+        found = []
+        for key in keys:
+            data, meta = self._paths(bucket, key, bucket_checked=True)
+            found.append(data.is_file() and meta.is_file())
+        return found
 
     def _target(self, bucket: str, key: str) -> tuple[Path, Path]:
         """Where ``key``'s bytes and metadata go, refusing keys that cannot be files here (an object
@@ -454,9 +473,11 @@ def create_app(
         )
         return error.response()
 
-    def sign(bucket: str, key: str, expires_in: Any) -> str:
+    def sign(bucket: str, key: str, expires_in: Any, *, checked: bool = False) -> str:
+        """``checked``: the caller knows the object exists."""
         seconds = _int_field({"expiresIn": expires_in}, "expiresIn", 0, minimum=1)
-        store.get(bucket, key)
+        if not checked:
+            store.get(bucket, key)
         url = f"{bucket}/{key}"
         now = int(time.time())
         token = jwt.encode({"url": url, "iat": now, "exp": now + seconds}, jwt_secret)
@@ -495,16 +516,13 @@ def create_app(
         paths = body.get("paths")
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise _invalid_request("body/paths must be array of strings")
-        out = []
-        for key in paths:
-            try:
-                out.append(
-                    {"error": None, "path": key, "signedURL": sign(bucket, key, body.get("expiresIn"))}
-                )
-            except ApiError as exc:
-                if exc.code != "NoSuchKey":
-                    raise
-                out.append({"error": _NO_OBJECT, "path": key, "signedURL": None})
+        expires_in = body.get("expiresIn")
+        out = [
+            {"error": None, "path": key, "signedURL": sign(bucket, key, expires_in, checked=True)}
+            if found
+            else {"error": _NO_OBJECT, "path": key, "signedURL": None}
+            for key, found in zip(paths, store.signable(bucket, paths), strict=True)
+        ]
         return JSONResponse(out)
 
     @route("POST", "/object/sign/{bucket}/{key:path}", anon=anon_sees_no_bucket)
