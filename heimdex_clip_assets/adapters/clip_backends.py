@@ -44,6 +44,8 @@ if TYPE_CHECKING:  # the encoder imports torch; only the local backend and text 
 DOWNLOAD_THREADS = 8  # thumbnail downloads are I/O bound; the model, not the network, should be the limit
 # One failed job of these means every other job fails the same way: stop instead of logging each scene.
 SYSTEMIC_ERRORS = (AuthError, ModelMismatchError, ConfigError)
+# A prepared job whose URLs have used more than this part of their life waiting for a slot is signed again.
+RESIGN_AFTER = 0.1
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +57,16 @@ class SceneImage:
     key: int | str
     storage_path: str | None = None
     data: bytes | None = None
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    """A job's images and what the backend prepared for them ahead of sending (signed URLs by path)."""
+
+    images: Sequence[SceneImage]
+    urls: dict[str, str] | None = None
+    prepared_at: float = 0.0  # time.monotonic() when the URLs were signed
+    prepare_s: float = 0.0
 
 
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; results compare by identity
@@ -110,6 +122,15 @@ class ClipBackend(ABC):
         whole, and for errors no other job can escape (bad credentials, wrong model); per-image failures
         come back in their slots. Safe to call from several threads at once."""
 
+    def prepare(self, images: Sequence[SceneImage]) -> PreparedJob:
+        """What a job needs before it is sent that need not hold one of the jobs in flight (the runpod
+        backend signs its URLs here); :meth:`send` then sends it. Raises as :meth:`embed` does."""
+        return PreparedJob(images)
+
+    def send(self, job: PreparedJob) -> list[EmbeddingResult | ClipError]:
+        """Embed a job :meth:`prepare` made; by default all the work happens here."""
+        return self.embed(job.images)
+
     def _result(self, vector: np.ndarray, *, batch_size: int, **timings: float) -> EmbeddingResult:
         # The vector store ranks by cosine on unit vectors; a remote worker is outside our control, so
         # the invariant is enforced here, where every backend's vectors pass.
@@ -136,8 +157,10 @@ class ClipBackend(ABC):
 class RunPodBackend(ClipBackend):
     """Thumbnails as short-lived signed URLs to the RunPod worker, one job per call.
 
-    URLs are signed right before the job goes out, and again by the client before each retry, so a URL
-    never waits in a queue while its expiry runs down.
+    URLs are signed right before the job goes out (:meth:`prepare`: the engine signs a job while the
+    jobs ahead of it are in flight, at most ``max_in_flight`` jobs ahead, and :meth:`send` signs again
+    if the job then waited for a slot more than a tenth of the URLs' life), and again by the client
+    before each retry, so a URL never waits in a queue while its expiry runs down.
     """
 
     name = "runpod"
@@ -172,9 +195,24 @@ class RunPodBackend(ClipBackend):
         self.single_in_flight = single_in_flight
 
     def embed(self, images: Sequence[SceneImage]) -> list[EmbeddingResult | ClipError]:
+        return self.send(self.prepare(images))
+
+    def prepare(self, images: Sequence[SceneImage]) -> PreparedJob:
+        """Sign the job's URLs (one storage call for all of them): the engine does this while the jobs
+        before it are in flight, so a job holds its slot only while the endpoint has it."""
         started = time.perf_counter()
+        paths = [str(img.storage_path) for img in images]
+        urls = self.storage.create_signed_urls(paths, self.expires_in, missing_ok=True)
+        return PreparedJob(images, urls, time.monotonic(), time.perf_counter() - started)
+
+    def send(self, job: PreparedJob) -> list[EmbeddingResult | ClipError]:
+        if job.urls is None or time.monotonic() - job.prepared_at > self.expires_in * RESIGN_AFTER:
+            # Never prepared here, or it waited for a slot so long that its URLs have aged: sign afresh.
+            job = self.prepare(job.images)
+        assert job.urls is not None
+        started = time.perf_counter()
+        images, urls = job.images, job.urls
         paths = {str(img.key): str(img.storage_path) for img in images}
-        urls = self.storage.create_signed_urls(list(paths.values()), self.expires_in, missing_ok=True)
         slots: list[EmbeddingResult | ClipError] = [
             NotFoundError(
                 f"Scene {img.key}: its thumbnail {img.storage_path} is not in storage; rerun "
@@ -194,8 +232,8 @@ class RunPodBackend(ClipBackend):
         items = [ImageItem(urls[str(images[i].storage_path)], str(images[i].key)) for i in sendable]
         remote = self._embed_items(items, resign)
         # What the pipeline waited per image: the job's round trip shared by its images (signing, queue
-        # and network included, unlike the worker's own timings).
-        total_ms = (time.perf_counter() - started) * 1000 / len(sendable)
+        # and network included, unlike the worker's own timings; not the wait for a slot).
+        total_ms = (job.prepare_s + time.perf_counter() - started) * 1000 / len(sendable)
         for i, item in zip(sendable, remote, strict=True):
             slots[i] = (
                 item

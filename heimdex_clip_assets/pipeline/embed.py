@@ -7,8 +7,10 @@ The asset (a run of one or many video partitions), ``heimdex-clip backfill``, th
   model version, is never sent again);
 * packs the rest, across videos, into jobs of ``batch_size`` images;
 * keeps ``max_in_flight`` jobs running at once (the reader waits for a free slot);
-* has each job's URLs signed by the backend right before it is sent (the RunPod client re-signs before
-  each of its retries: the engine itself never retries);
+* has each job's URLs signed by the backend right before it is sent: while the jobs ahead of it are in
+  flight, at most ``max_in_flight`` jobs ahead, so a job holds its slot only while the endpoint has it
+  (the backend signs again if a job waited for its slot long enough for its URLs to age, and the
+  RunPod client re-signs before each of its retries: the engine itself never retries);
 * writes each job's vectors as it comes back, in one transaction for the whole job, on writer threads of
   their own, so a slow write never holds a slot the endpoint could use; the queue between the two is
   bounded, so memory holds a few jobs whatever the library's size.
@@ -22,7 +24,7 @@ import logging
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from heimdex_clip_assets.adapters.clip_backends import (
     SYSTEMIC_ERRORS,
     ClipBackend,
     EmbeddingResult,
+    PreparedJob,
     SceneImage,
     log_result,
 )
@@ -128,17 +131,47 @@ class EmbeddingEngine:
         for thread in writers:
             thread.start()
         pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="clip-job")
+        # Jobs are prepared (their URLs signed) while the jobs ahead of them are in flight, at most
+        # max_in_flight jobs ahead: a slot is held only while the endpoint has the job.
+        preparing = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="clip-prepare")
+        ahead: deque[Future[_Prepared]] = deque()
         # Every wait here is timed: a signal the kernel hands to another thread only runs its handler
         # (Ctrl-C, SIGTERM) once the main thread returns to Python, which an untimed wait never does.
         pending: set[Future[None]] = set()
-        try:
-            for job in self._jobs(pages, report):
-                # The reader waits for a free slot: memory holds a few jobs at most.
+
+        def dispatch(*, block: bool) -> bool:
+            """Send the oldest prepared job once it is ready and a slot is free (the reader waits for
+            both: memory holds a few jobs at most); without ``block``, only if both are so now."""
+            prepared = ahead[0]
+            if not block and not prepared.done():
+                return False
+            while not prepared.done():
+                wait([prepared], timeout=_WAIT_S)
+            job = prepared.result()  # a systemic error raises here and stops the run
+            if block:
                 while not slots.acquire(timeout=_WAIT_S):
                     pass
+            elif not slots.acquire(blocking=False):
+                return False
+            ahead.popleft()
+            if self._error is not None:
+                slots.release()
+                return False
+            pending.add(pool.submit(self._guarded_job, job, written, slots))
+            return True
+
+        try:
+            for job in self._jobs(pages, report):
+                # At most max_in_flight jobs signed ahead: the reader waits to send the oldest first.
+                while len(ahead) >= self.max_in_flight and self._error is None:
+                    dispatch(block=True)
                 if self._error is not None:
                     break
-                pending.add(pool.submit(self._guarded_job, job, written, slots))
+                ahead.append(preparing.submit(self._prepare, job))
+                while ahead and dispatch(block=False):  # whatever is ready goes out now
+                    pass
+            while ahead and self._error is None:
+                dispatch(block=True)
             while pending:
                 pending = wait(pending, timeout=_WAIT_S).not_done
             pool.shutdown()
@@ -148,6 +181,7 @@ class EmbeddingEngine:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
+            preparing.shutdown(wait=False, cancel_futures=True)
             for _ in writers:
                 written.put(None)
             for thread in writers:
@@ -158,7 +192,7 @@ class EmbeddingEngine:
         return report
 
     def _guarded_job(
-        self, job: list[SceneToEmbed], written: queue.Queue[_Finished | None], slots: threading.Semaphore
+        self, job: _Prepared, written: queue.Queue[_Finished | None], slots: threading.Semaphore
     ) -> None:
         try:
             written.put(self._send(job))
@@ -217,13 +251,28 @@ class EmbeddingEngine:
         return todo
 
     # ------------------------------------------------------------------------------------ one job
-    def _send(self, job: list[SceneToEmbed]) -> _Finished:
+    def _prepare(self, job: list[SceneToEmbed]) -> _Prepared:
+        """The backend's work before the job needs a slot (signing its URLs); a job that cannot be
+        prepared fails its scenes, unless the error is systemic."""
+        images = [SceneImage(key=s.id, storage_path=s.thumbnail_path) for s in job]
+        try:
+            return _Prepared(job, self.backend.prepare(images))
+        except SYSTEMIC_ERRORS:
+            raise
+        except ClipError as err:
+            return _Prepared(job, None, err)
+
+    def _send(self, prepared: _Prepared) -> _Finished:
+        job = prepared.job
         with self._lock:
             self._in_flight += 1
             self._peak = max(self._peak, self._in_flight)
         started = time.perf_counter()
         try:
-            results = self.backend.embed([SceneImage(key=s.id, storage_path=s.thumbnail_path) for s in job])
+            if prepared.backend_job is None:
+                assert prepared.error is not None
+                raise prepared.error
+            results = self.backend.send(prepared.backend_job)
         except SYSTEMIC_ERRORS:
             raise
         except ClipError as err:  # the whole job failed for good: each scene records why
@@ -263,6 +312,15 @@ class EmbeddingEngine:
                     report.failures.append((scene.video_id, scene.index, err))
         if self.on_progress:
             self.on_progress(len(job))
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A job ready to go out as soon as a slot is free (or already failed as a whole)."""
+
+    job: list[SceneToEmbed]
+    backend_job: PreparedJob | None  # None: preparing it failed with ``error``
+    error: ClipError | None = None
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ and the code location loaded by a Dagster code server as `dagster dev` loads it.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -54,6 +55,31 @@ def test_jobs_cross_videos_and_overlap(store: VectorStore, storage: Storage, loo
     # A second run finds nothing to do.
     again = engine.run(store.iter_scenes_to_embed(LOOPBACK.model_version))
     assert again.scenes == 0 and again.jobs == 0
+
+
+def test_jobs_are_signed_while_the_jobs_ahead_are_in_flight(
+    store: VectorStore, storage: Storage, loopback: str
+) -> None:
+    """A job holds its slot only while the endpoint has it: its URLs are signed while the job ahead of it
+    is still at the endpoint (one job in flight at a time here), not after that job came back."""
+    add_videos(store, storage, videos=1, scenes=4)
+    at_endpoint: list[int] = []
+    sign = storage.create_signed_urls
+
+    def signing(paths, expires_in=300, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.1)  # a slow storage call; a job sent before it began is at the endpoint by now
+        at_endpoint.append(httpx.get(f"{loopback}/stats").json()["in_flight"])
+        return sign(paths, expires_in, **kwargs)
+
+    storage.create_signed_urls = signing  # type: ignore[method-assign]
+    backend = loopback_backend(loopback, storage, LOOPBACK)
+    report = EmbeddingEngine(store, backend, batch_size=1, max_in_flight=1).run(
+        store.iter_scenes_to_embed(LOOPBACK.model_version)
+    )
+    assert (report.embedded, report.failed, report.peak_in_flight) == (4, 0, 1)
+    # One signing per job (none signed again: 60 s URLs waited ~0.3 s), each after the first while the
+    # job before it was at the endpoint.
+    assert at_endpoint == [0, 1, 1, 1]
 
 
 def test_a_range_run_embeds_every_video_of_the_range(
