@@ -142,6 +142,8 @@ class RunPodClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="runpod-client", daemon=True)
         self._thread.start()
+        # Made now, in the background (its TLS context alone takes tens of ms), not in the first job.
+        self._loop.call_soon_threadsafe(self._client)
 
     @classmethod
     def from_settings(cls, settings: Settings, *, dim: int | None = None) -> RunPodClient:
@@ -237,11 +239,14 @@ class RunPodClient:
     def close(self) -> None:
         if self._loop.is_closed():
             return
-        if self._http is not None:
-            self._run(self._http.aclose())
+        self._run(self._close_http())  # on the loop, after the client made there
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._loop.close()
+
+    async def _close_http(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
 
     def __enter__(self) -> Self:
         return self
