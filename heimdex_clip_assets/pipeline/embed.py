@@ -28,6 +28,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from typing import Any
 
 from heimdex_clip_assets.adapters.clip_backends import (
     SYSTEMIC_ERRORS,
@@ -160,8 +161,9 @@ class EmbeddingEngine:
             pending.add(pool.submit(self._guarded_job, job, written, slots))
             return True
 
+        jobs = _ReadAhead(self._jobs(pages, report))
         try:
-            for job in self._jobs(pages, report):
+            for job in jobs:
                 # At most max_in_flight jobs signed ahead: the reader waits to send the oldest first.
                 while len(ahead) >= self.max_in_flight and self._error is None:
                     dispatch(block=True)
@@ -181,6 +183,7 @@ class EmbeddingEngine:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         finally:
+            jobs.close()
             preparing.shutdown(wait=False, cancel_futures=True)
             for _ in writers:
                 written.put(None)
@@ -312,6 +315,53 @@ class EmbeddingEngine:
                     report.failures.append((scene.video_id, scene.index, err))
         if self.on_progress:
             self.on_progress(len(job))
+
+
+class _ReadAhead:
+    """Jobs made on a thread of their own, one ahead of the engine's reader: reading the next page of
+    scenes (and answering from the cache) never keeps a prepared job from its free slot."""
+
+    _END = object()
+
+    def __init__(self, jobs: Iterator[list[SceneToEmbed]]) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(jobs,), name="clip-read", daemon=True)
+        self._thread.start()
+
+    def _read(self, jobs: Iterator[list[SceneToEmbed]]) -> None:
+        try:
+            for job in jobs:
+                if not self._put(job):
+                    return
+            self._put((self._END, None))
+        except BaseException as exc:  # a failed read: raised by the engine's reader
+            self._put((self._END, exc))
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=_WAIT_S)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def __iter__(self) -> Iterator[list[SceneToEmbed]]:
+        while True:
+            try:
+                item = self._queue.get(timeout=_WAIT_S)  # timed, so a signal still reaches this thread
+            except queue.Empty:
+                continue
+            if isinstance(item, tuple) and item[0] is self._END:
+                if item[1] is not None:
+                    raise item[1]
+                return
+            yield item
+
+    def close(self) -> None:
+        """Stop reading (the run ended or failed); the thread ends at its next page or job."""
+        self._stop.set()
 
 
 @dataclass(frozen=True)
