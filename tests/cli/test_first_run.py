@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from heimdex_clip_assets.adapters.weights import HUB_FILES, hub_files
+from heimdex_clip_assets.adapters.weights import HUB_FILES, PROBE_TIMEOUT_S, hub_files
 from heimdex_clip_assets.cli import build_parser
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.devservices.postgres import postgres_running
@@ -94,14 +94,14 @@ def test_demo_without_weights_says_so_at_once_and_completes_on_random_weights(
     first_s, first = lines[0]
     assert first.startswith("Random CLIP weights (openai: the Hugging Face hub does not answer)"), first
     assert "vectors mean nothing" in first and "CLIP_PRETRAINED=<file>" in first
-    assert first_s < FAST_S, f"the first line came after {first_s:.1f} s"
+    # A probe, not the hub client's retries (~50 s); within FAST_S on an idle machine, more on a busy one.
+    assert first_s < 3 * FAST_S, f"the first line came after {first_s:.1f} s"
     out = text(lines)
     assert len(re.findall(r"│ \d+\s+│ true\s+│ local", out)) == 2
     assert RANDOM_CAPTION in out.split("Step 7")[1]  # in the final table, under its rows
     assert "x realtime" in out and not stderr
 
 
-@pytest.mark.parametrize("hub", ["silent", "offline"])
 @pytest.mark.parametrize(
     "args",
     [
@@ -113,15 +113,21 @@ def test_demo_without_weights_says_so_at_once_and_completes_on_random_weights(
     ids=lambda args: args[0],
 )
 def test_other_commands_without_weights_fail_fast_naming_what_to_set(
-    fresh_env: dict[str, str], args: list[str], hub: str
+    fresh_env: dict[str, str], args: list[str]
 ) -> None:
-    extra = {"HF_HUB_OFFLINE": "1"} if hub == "offline" else {}
-    code, lines, stderr = run(fresh_env, *args, **extra)
-    assert code == 2, text(lines) + stderr
-    assert len(stderr.strip().splitlines()) == 1, stderr  # one sentence, not wrapped at 80 columns
-    assert "CLIP_PRETRAINED=<file>" in stderr and "HF_HUB_OFFLINE=1" in stderr
-    assert "Traceback" not in stderr and ".." not in stderr
-    assert lines[-1][0] < FAST_S, f"{args[0]} took {lines[-1][0]:.1f} s to fail"
+    took = {}
+    for hub, extra in (("offline", {"HF_HUB_OFFLINE": "1"}), ("silent", {})):
+        code, lines, stderr = run(fresh_env, *args, **extra)
+        assert code == 2, text(lines) + stderr
+        assert len(stderr.strip().splitlines()) == 1, stderr  # one sentence, not wrapped at 80 columns
+        assert "CLIP_PRETRAINED=<file>" in stderr and "HF_HUB_OFFLINE=1" in stderr
+        assert "Traceback" not in stderr and ".." not in stderr
+        took[hub] = lines[-1][0]
+    # A hub that never answers costs one probe's deadline, not the hub client's retries (~50 s). The
+    # bound is relative to the offline run in the same test, so a busy machine slows both alike; on an
+    # idle one both end within FAST_S.
+    assert took["silent"] - took["offline"] < PROBE_TIMEOUT_S + 1.5, took
+    assert took["offline"] < 3 * FAST_S, took
 
 
 def test_cached_weights_change_nothing(fresh_env: dict[str, str], clip_checkpoint: Path) -> None:
