@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from email.message import Message
 from typing import Any
 
@@ -19,14 +20,14 @@ import httpx
 import numpy as np
 import pytest
 
-from heimdex_clip_assets.adapters.clip_backends import RunPodBackend
+from heimdex_clip_assets.adapters.clip_backends import RunPodBackend, SceneImage
 from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.devservices.loopback_worker import LoopbackConfig, serve_in_thread
 from heimdex_clip_assets.devservices.net import free_port
 from heimdex_clip_contract.codec import encode_embedding
-from heimdex_clip_contract.errors import NetworkError, RequestTimeoutError
+from heimdex_clip_contract.errors import ClipError, NetworkError, RequestTimeoutError
 from heimdex_clip_contract.schema import ImageItem
 from tests.fixtures.engine import add_videos, embed_all
 from tests.fixtures.fake_servers import HttpServer, TcpServer
@@ -51,6 +52,30 @@ def test_each_job_is_signed_right_before_it_is_sent(store: VectorStore, storage:
         report = embed_all(store, backend, use_cache=False, batch_size=1, max_in_flight=1)
     assert (report.embedded, report.failed) == (12, 0), report.failure_summary()
     assert all(s.embedding is not None for s in store.scenes(video_id))
+
+
+def test_a_job_that_waited_long_for_its_slot_is_signed_again(store: VectorStore, storage: Storage) -> None:
+    """The engine signs a job while the jobs ahead of it are in flight; if it then waits for its slot
+    over a tenth of its URLs' life, the backend signs it again before sending, and only then."""
+    (video_id,) = set(add_videos(store, storage, 1, 2).values())
+    paths = [storage.object_path(str(s.thumbnail_url)) for s in store.scenes(video_id)]
+    signed: list[int] = []
+    sign = storage.create_signed_urls
+
+    def counting(paths, expires_in=300, **kwargs):  # type: ignore[no-untyped-def]
+        signed.append(len(paths))
+        return sign(paths, expires_in, **kwargs)
+
+    storage.create_signed_urls = counting  # type: ignore[method-assign]
+    with serve_in_thread(LoopbackConfig(latency_s=0.0, secret=SECRET, fetch=True)) as url:
+        backend = RunPodBackend(_client(url, max_retries=0), storage, pretrained="x", expires_in=20)
+        images = [SceneImage(key=f"k{i}", storage_path=path) for i, path in enumerate(paths)]
+        fresh = backend.prepare(images)
+        assert all(not isinstance(r, ClipError) for r in backend.send(fresh)) and signed == [2]
+        aged = replace(backend.prepare(images), prepared_at=time.monotonic() - 3)  # 3 s of 20 s
+        results = backend.send(aged)
+    assert all(not isinstance(r, ClipError) for r in results), results
+    assert signed == [2, 2, 2]  # fresh: sent as signed; aged: signed again
 
 
 def _delay_first_job(upstream: str, delay_s: float) -> HttpServer:
