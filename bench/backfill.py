@@ -6,8 +6,12 @@
 
 Setup: ``videos x scenes`` scene rows (20,000 by default) in the embedded database, a small JPEG thumbnail
 per scene in the embedded storage, and the loopback worker (``devservices/loopback_worker.py``) in its
-own process: it verifies each job's signature, optionally downloads every signed URL (``--fetch``), waits
-``--latency-ms`` per job and answers with unit vectors. The RunPod backend and client are the real ones.
+own process: it verifies each job's signature, waits until ``--latency-ms`` after the job arrived (its own
+work falls within that time), optionally downloads every signed URL (``--fetch``) and answers with unit
+vectors. The RunPod backend and client are the real ones.
+
+On a small shared machine, a longer ``--latency-ms`` (500) and fewer scenes (``--videos 100``) show the
+ratio with less of the CPU in it.
 
 Two runs in one process, on the same rows, endpoint and machine:
 
