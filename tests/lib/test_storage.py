@@ -93,7 +93,9 @@ def test_expired_and_tampered_tokens_are_refused(storage: SupabaseStorage) -> No
     url = storage.create_signed_url("a/0.jpg", expires_in=60)
     token = url.split("token=")[1]
     claims = jwt.decode(token, options={"verify_signature": False})
-    forged = jwt.encode({**claims, "url": claims["url"].replace("0.jpg", "1.jpg")}, "guessed-secret")
+    forged = jwt.encode(
+        {**claims, "url": claims["url"].replace("0.jpg", "1.jpg")}, "a-guessed-secret-of-32-bytes-or-more"
+    )
     assert httpx.get(url.replace(token, forged)).json()["error"] == "InvalidJWT"
     header, payload, signature = token.split(".")
     flipped = signature[:-2] + ("AA" if signature[-2:] != "AA" else "BB")
