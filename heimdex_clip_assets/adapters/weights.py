@@ -38,7 +38,10 @@ class WeightsUnavailableError(ConfigError):
 def check_weights(model_name: str, pretrained: str) -> None:
     """Raise :class:`WeightsUnavailableError` when ``pretrained`` is an open_clip tag whose weights are
     not in the Hugging Face cache and cannot be downloaded now (``HF_HUB_OFFLINE``, or no answer from
-    the hub within ``PROBE_TIMEOUT_S``). Random weights and files are left to the encoder's own checks."""
+    the hub within ``PROBE_TIMEOUT_S``), and :class:`ConfigError` when it names a file that is not there
+    (a mistake to fix, never a reason to go on with random weights)."""
+    if weights_are_file(pretrained) and not os.path.isfile(pretrained):
+        raise ConfigError(f"CLIP_PRETRAINED file not found: {pretrained}")
     if weights_are_random(pretrained) or weights_are_file(pretrained):
         return
     found = hub_files(model_name, pretrained)

@@ -30,5 +30,6 @@ def random_checkpoint(path: Path, model_name: str = "ViT-B-32", *, seed: int = 0
 
     torch.manual_seed(seed)
     model = open_clip.create_model(model_name, pretrained=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path

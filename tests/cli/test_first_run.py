@@ -130,6 +130,16 @@ def test_other_commands_without_weights_fail_fast_naming_what_to_set(
     assert took["offline"] < 3 * FAST_S, took
 
 
+@pytest.mark.parametrize("command", ["demo", "smoke"])
+def test_a_missing_weights_file_is_a_mistake_even_for_demo(fresh_env: dict[str, str], command: str) -> None:
+    """A CLIP_PRETRAINED file that is not there stops the command before any work (demo registers no
+    video and does not fall back to random weights)."""
+    code, lines, stderr = run(fresh_env, command, CLIP_PRETRAINED="/no/such/weights.safetensors")
+    assert code == 2, text(lines) + stderr
+    assert stderr.strip() == "error: CLIP_PRETRAINED file not found: /no/such/weights.safetensors"
+    assert "registered" not in text(lines) and "Random CLIP weights" not in text(lines)
+
+
 def test_cached_weights_change_nothing(fresh_env: dict[str, str], clip_checkpoint: Path) -> None:
     """Weights in the hub's cache load as before, offline, with no word about random weights."""
     found = hub_files("ViT-B-32", "openai")
