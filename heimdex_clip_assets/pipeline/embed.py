@@ -290,7 +290,7 @@ class EmbeddingEngine:
         job, results = finished.job, finished.results
         now = time.time()
         rows = [
-            SceneEmbedding(scene.id, result.vector, {**result.metadata, "embedded_at": now})
+            stored_embedding(scene.id, result, now)
             for scene, result in zip(job, results, strict=True)
             if isinstance(result, EmbeddingResult)
         ]
@@ -315,6 +315,11 @@ class EmbeddingEngine:
                     report.failures.append((scene.video_id, scene.index, err))
         if self.on_progress:
             self.on_progress(len(job))
+
+
+def stored_embedding(scene_id: str, result: EmbeddingResult, now: float) -> SceneEmbedding:
+    """A vector as it is written: its metadata stamped with ``embedded_at`` (what backfill resumes by)."""
+    return SceneEmbedding(scene_id, result.vector, {**result.metadata, "embedded_at": now})
 
 
 class _ReadAhead:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from heimdex_clip_contract.errors import InvalidVideoError, NotFoundError
 
-from ..adapters.db import SceneEmbedding, SceneRecord, VectorStore, VideoRecord
+from ..adapters.db import SceneRecord, VectorStore, VideoRecord
 from ..adapters.storage import Storage
 from ..domain.scenes import (
     Keyframe,
@@ -21,7 +21,7 @@ from ..domain.scenes import (
     make_thumbnail,
     probe_video,
 )
-from .embed import KeyframeEmbedder
+from .embed import KeyframeEmbedder, stored_embedding
 
 UPLOAD_THREADS = 8
 
@@ -174,18 +174,14 @@ def _detect_and_write(
     if streaming is not None:
         # What is left of the embedding once detection is over: the last batch, and the writes.
         t0 = time.perf_counter()
-        vectors = streaming.results()
-        now = time.time()
-        store.write_scene_embeddings(
-            [
-                SceneEmbedding(
-                    row.id, vectors[row.index].vector, {**vectors[row.index].metadata, "embedded_at": now}
-                )
-                for row in rows
-                if row.index in vectors and row.id is not None
-            ]
-        )
-        embedded = len(vectors)
+        vectors, now = streaming.results(), time.time()
+        written = [
+            stored_embedding(row.id, vectors[row.index], now)
+            for row in rows
+            if row.index in vectors and row.id is not None
+        ]
+        store.write_scene_embeddings(written)
+        embedded = len(written)
         timings["embed"] = time.perf_counter() - t0
     return KeyframeReport(
         video=store.get_video(video_id) or video,
