@@ -6,9 +6,13 @@ import asyncio
 import ssl
 
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route as AppRoute
 
 from heimdex_clip_assets.devservices.image_server import ImageServer, Route
-from heimdex_clip_assets.devservices.net import free_port
+from heimdex_clip_assets.devservices.net import free_port, serve_in_thread
 from heimdex_clip_contract.errors import (
     ClipError,
     ImageDownloadError,
@@ -16,7 +20,9 @@ from heimdex_clip_contract.errors import (
     InvalidImageError,
     InvalidRequestError,
 )
+from runpod_worker.config import WorkerConfig
 from runpod_worker.fetch import FetchPolicy, fetch_image, is_public_address, make_client
+from runpod_worker.handler import http_fetcher
 
 LOOPBACK_OK = FetchPolicy(allow_private=True, max_bytes=1000, timeout_s=2)
 
@@ -165,3 +171,33 @@ def test_clients_share_one_verifying_tls_context() -> None:
     first, second = asyncio.run(contexts())
     assert first is second
     assert first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
+
+
+def test_a_job_downloads_over_a_few_kept_alive_connections() -> None:
+    """IMAGE_DOWNLOAD_CONCURRENCY lanes, each reusing its one connection: 40 images over 4 connections,
+    never more than 4 at once, every result in its URL's place."""
+    peers: set[tuple[str, int]] = set()
+    now = peak = 0
+
+    async def image(request: Request) -> Response:
+        nonlocal now, peak
+        assert request.client is not None
+        peers.add((request.client.host, request.client.port))
+        now += 1
+        peak = max(peak, now)
+        await asyncio.sleep(0.01)
+        now -= 1
+        return Response(request.path_params["name"].encode(), media_type="image/jpeg")
+
+    app = Starlette(routes=[AppRoute("/{name}", image)])
+    config = WorkerConfig.from_env(
+        {
+            "WORKER_ALLOW_INSECURE_NO_AUTH": "true",
+            "IMAGE_ALLOW_PRIVATE_HOSTS": "true",
+            "IMAGE_DOWNLOAD_CONCURRENCY": "4",
+        }
+    )
+    with serve_in_thread(app) as base:
+        fetched = asyncio.run(http_fetcher(config)([f"{base}/img{i}" for i in range(40)]))
+    assert [data for data, _ in fetched] == [f"img{i}".encode() for i in range(40)]
+    assert len(peers) <= 4 and peak <= 4
