@@ -17,8 +17,10 @@ batch of images, sent as one RunPod job (plus retries):
 * Every result is checked before it is believed: matched to its image by ``request_id`` (never by
   position), JSON numbers or base64 float32 only, the model's width, finite, and of unit norm. A bad slot
   fails that image alone.
-* Every attempt is signed afresh with a strictly newer ``ts``: the worker refuses a signature it has seen
-  (replay protection), and an attempt that failed on our side may still have reached it.
+* Every attempt has a signature of its own (a fresh nonce; the guide's version 1, a strictly newer
+  ``ts``): the worker refuses a signature it has seen (replay protection), and an attempt that failed
+  on our side may still have reached it. A job's first attempt may be signed ahead of sending
+  (:meth:`RunPodClient.sign_batch`, used within ``SIGNED_INPUT_MAX_AGE_S``), the retries never are.
 
 The client is synchronous for its callers; inside, one event loop thread runs every call, so many calls
 from many threads share one connection pool and each is cancelled exactly at its deadline (a sync HTTP
@@ -71,6 +73,9 @@ FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT"})
 PENDING_STATES = frozenset({"IN_QUEUE", "IN_PROGRESS"})
 # The cancel is a courtesy after the deadline: it runs in the background and never delays the caller.
 CANCEL_TIMEOUT_S = 5.0
+# A job input signed ahead (sign_batch) is sent as it is within this many seconds, a small part of the
+# worker's auth window (AUTH_TIME_WINDOW_SECONDS, 120 s by default) that RunPod's queue also uses up.
+SIGNED_INPUT_MAX_AGE_S = 10.0
 # Gives fresh signed URLs to images about to be sent again (same order, same request ids).
 Resign = Callable[[Sequence[ImageItem]], Sequence[ImageItem]]
 
@@ -91,6 +96,18 @@ class RemoteEmbedding:
     @property
     def dim(self) -> int:
         return int(self.vector.shape[0])
+
+
+@dataclass(frozen=True)
+class SignedBatch:
+    """A batch job's input, signed ahead of sending (:meth:`RunPodClient.sign_batch`)."""
+
+    items: tuple[ImageItem, ...]
+    job_input: dict[str, Any]
+    signed_at: float  # time.monotonic()
+
+    def age_s(self) -> float:
+        return time.monotonic() - self.signed_at
 
 
 class RunPodClient:
@@ -161,20 +178,30 @@ class RunPodClient:
         )
 
     # ------------------------------------------------------------------------------------ public API
+    def sign_batch(self, items: Sequence[ImageItem]) -> SignedBatch:
+        """The batch job's input for ``items``, signed now: a caller sending jobs in a stream signs the
+        next while the ones before it are in flight, and :meth:`embed_batch` sends it as it is if it is
+        still fresh (else it signs afresh)."""
+        return SignedBatch(tuple(items), self._batch_input(items, int(time.time())), time.monotonic())
+
     def embed_batch(
-        self, items: Sequence[ImageItem], *, resign: Resign | None = None
+        self, items: Sequence[ImageItem], *, resign: Resign | None = None, signed: SignedBatch | None = None
     ) -> list[RemoteEmbedding | ClipError]:
         """Embed several images as one job; one result per item, in order, an error in a failed slot.
 
-        Items need distinct ``request_id`` values (results are matched by them). Raises a
-        :class:`ClipError` when the whole job fails for good, or when nothing succeeded by the deadline.
+        Items need distinct ``request_id`` values (results are matched by them). ``signed``: these items'
+        input from :meth:`sign_batch`, for the first attempt. Raises a :class:`ClipError` when the whole
+        job fails for good, or when nothing succeeded by the deadline.
         """
         if not items:
             return []
         ids = [item.request_id for item in items]
         if None in ids or len(set(ids)) != len(ids):
             raise ValueError("embed_batch needs a distinct request_id on every item")
-        return self._run(self._embed_batch(list(items), resign))
+        first = None
+        if signed is not None and signed.items == tuple(items) and signed.age_s() < SIGNED_INPUT_MAX_AGE_S:
+            first = signed.job_input
+        return self._run(self._embed_batch(list(items), resign, first))
 
     def embed_one(self, image_url: str, request_id: str | None = None) -> RemoteEmbedding:
         """The guide's single-image request (JSON floats), kept for the smoke test and old workers: signed
@@ -275,7 +302,7 @@ class RunPodClient:
 
     # ------------------------------------------------------------------------------------ retries
     async def _embed_batch(
-        self, items: list[ImageItem], resign: Resign | None
+        self, items: list[ImageItem], resign: Resign | None, first_input: dict[str, Any] | None = None
     ) -> list[RemoteEmbedding | ClipError]:
         results: list[RemoteEmbedding | ClipError | None] = [None] * len(items)
         pending = list(range(len(items)))
@@ -289,7 +316,7 @@ class RunPodClient:
                         # must not stall the other jobs sharing this loop.
                         batch = list(await asyncio.to_thread(resign, batch))
                     try:
-                        out = await self._batch_attempt(batch)
+                        out = await self._batch_attempt(batch, first_input if attempt == 0 else None)
                     except ClipError as err:
                         if not err.retryable or attempt >= self.max_retries:
                             raise
@@ -353,13 +380,14 @@ class RunPodClient:
             return self._last_ts
 
     # ------------------------------------------------------------------------------------- one job
-    async def _batch_attempt(self, batch: Sequence[ImageItem]) -> list[RemoteEmbedding | ClipError]:
-        output = await self._job(
-            lambda ts: build_batch_request(
-                batch, self._secret, model=self.model_name, encoding="base64", ts=ts
-            )
-        )
+    async def _batch_attempt(
+        self, batch: Sequence[ImageItem], signed_input: dict[str, Any] | None = None
+    ) -> list[RemoteEmbedding | ClipError]:
+        output = await self._job(lambda ts: signed_input or self._batch_input(batch, ts))
         return self._batch_results(output, batch)
+
+    def _batch_input(self, batch: Sequence[ImageItem], ts: int) -> dict[str, Any]:
+        return build_batch_request(batch, self._secret, model=self.model_name, encoding="base64", ts=ts)
 
     async def _job(
         self, build_input: Callable[[int], dict[str, Any]], *, version_1: bool = False

@@ -6,6 +6,7 @@ signatures it receives are checked with the worker's own :class:`Verifier`, repl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
 import time
@@ -17,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from heimdex_clip_assets.adapters.runpod_client import RemoteEmbedding, RunPodClient
+from heimdex_clip_assets.adapters.runpod_client import SIGNED_INPUT_MAX_AGE_S, RemoteEmbedding, RunPodClient
 from heimdex_clip_assets.config import Settings
 from heimdex_clip_assets.devservices.image_server import ImageServer
 from heimdex_clip_assets.devservices.synthetic import jpeg
@@ -144,6 +145,25 @@ def test_batch_completed_in_one_call() -> None:
     job_input = stub.inputs()[0]
     assert job_input["encoding"] == "base64" and job_input["model"] == "ViT-B-32"
     stub.verify(job_input)
+
+
+def test_an_input_signed_ahead_is_sent_while_fresh() -> None:
+    """The engine signs the next job while others are in flight: sent as signed when fresh, signed
+    afresh when it waited too long, or when it is not these items' input."""
+    stub = CloudStub(completed(), completed(), completed())
+    with make_client(stub) as client:
+        fresh = client.sign_batch(ITEMS)
+        client.embed_batch(ITEMS, signed=fresh)
+        client.embed_batch(ITEMS[:2], signed=client.sign_batch(ITEMS))
+        signed = client.sign_batch(ITEMS)
+        stale = dataclasses.replace(signed, signed_at=signed.signed_at - SIGNED_INPUT_MAX_AGE_S - 1)
+        client.embed_batch(ITEMS, signed=stale)
+    sent = stub.inputs()
+    assert sent[0] == fresh.job_input
+    assert len(sent[1]["images"]) == 2
+    assert sent[2]["auth"]["nonce"] != stale.job_input["auth"]["nonce"]
+    for job_input in sent:
+        stub.verify(job_input)
 
 
 @pytest.mark.parametrize("vector", VECTORS, ids=lambda v: f"{v['kind']}-{v['sig'][:8]}")
