@@ -19,7 +19,12 @@ from urllib.parse import quote
 
 import psycopg
 
-from heimdex_clip_assets.adapters.clip_backends import ClipBackend, make_backend, settings_encoder
+from heimdex_clip_assets.adapters.clip_backends import (
+    ClipBackend,
+    make_backend,
+    settings_encoder,
+    start_encoder_process,
+)
 from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage, SupabaseStorage
@@ -132,10 +137,15 @@ def search_service(settings: Settings) -> SearchService:
     )
 
 
-def preload_encoder(settings: Settings) -> None:
-    """Import torch and load the local backend's model in a background thread; whoever needs it next
-    finds it loaded, or waits on the same lock."""
+def preload_encoder(settings: Settings, *, in_child: bool = False) -> None:
+    """Import torch and load the local backend's model in a background thread (``in_child``: in a child
+    process, which then runs this process's forward passes); whoever needs it next finds it loaded, or
+    waits on the same lock."""
     if settings.clip_backend != "local":
+        return
+    if in_child:
+        with contextlib.suppress(ClipError):  # raised again by the step that needs the model
+            start_encoder_process(settings)
         return
 
     def load() -> None:

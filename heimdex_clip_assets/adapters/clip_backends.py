@@ -97,6 +97,26 @@ def load_encoder(model_name: str, pretrained: str, precision: str | None = None)
         return _ENCODERS[key]
 
 
+def start_encoder_process(settings: Settings) -> None:
+    """Load the settings' model in a child process (:mod:`.encoder_process`), now, without waiting:
+    this process's :func:`settings_encoder` then answers through it."""
+    from heimdex_clip_assets.adapters.encoder_process import EncoderProcess
+
+    key = (settings.clip_model_name, settings.clip_pretrained, settings.clip_precision)
+    with _ENCODERS_LOCK:
+        if key not in _ENCODERS:
+            check_weights(*key[:2])
+            _ENCODERS[key] = EncoderProcess(*key)  # type: ignore[assignment]
+
+
+def encoder_in_child(settings: Settings) -> bool:
+    """Whether the settings' model loads (or runs) in a child process: loading it holds no GIL here."""
+    from heimdex_clip_assets.adapters.encoder_process import EncoderProcess
+
+    key = (settings.clip_model_name, settings.clip_pretrained, settings.clip_precision)
+    return isinstance(_ENCODERS.get(key), EncoderProcess)
+
+
 def settings_encoder(settings: Settings) -> ClipEncoder:
     return load_encoder(settings.clip_model_name, settings.clip_pretrained, settings.clip_precision)
 

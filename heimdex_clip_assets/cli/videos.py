@@ -87,9 +87,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             console.print(f"Generating a sample 720p video with {args.scenes} scenes: {video}")
             generate_sample_video(video, scenes=args.scenes, scene_seconds=args.scene_seconds)
     started = time.perf_counter()
-    # The model loads (~4 s, mostly imports) while the video is hashed and uploaded and Dagster starts,
-    # instead of later beside scene detection, which needs the same two cores.
-    services.preload_encoder(settings)
+    # The model loads (~4 s, mostly imports) in a process of its own, on the core that hashing, uploading
+    # and Dagster's start-up (all holding this process's GIL) leave idle.
+    services.preload_encoder(settings, in_child=True)
     store, storage = services.vector_store(settings), services.storage(settings)
     video_id = register.register_video(video, store=store, storage=storage, owner_id=settings.owner_id)
     console.print(

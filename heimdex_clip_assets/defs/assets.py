@@ -126,6 +126,7 @@ def scene_keyframes(
             embed.KeyframeEmbedder,
             clip.get,
             batch_size=settings.clip_batch_size,
+            wait_for_model=not clip.model_in_child(),
             logger=context.log,
         )
 

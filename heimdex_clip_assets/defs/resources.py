@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 from heimdex_clip_assets import services
-from heimdex_clip_assets.adapters.clip_backends import ClipBackend
+from heimdex_clip_assets.adapters.clip_backends import ClipBackend, encoder_in_child
 from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_assets.config import Settings
@@ -82,6 +82,10 @@ class ClipInferenceResource(dg.ConfigurableResource):
     def preload(self) -> None:
         """Start loading the in-process model (local backend) without waiting for it."""
         services.preload_encoder(self.settings())
+
+    def model_in_child(self) -> bool:
+        """Whether the local model loads in a child process (the demo's), holding no GIL here."""
+        return encoder_in_child(self.settings())
 
 
 def _env_var(name: str) -> dg.EnvVar | None:

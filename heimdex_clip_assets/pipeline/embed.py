@@ -443,9 +443,11 @@ class KeyframeEmbedder:
         *,
         batch_size: int,
         min_batch: int = 8,
+        wait_for_model: bool = True,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
     ) -> None:
         self._backend = backend
+        self.wait_for_model = wait_for_model
         self.batch_size = max(1, batch_size)
         self.min_batch = max(1, min(min_batch, self.batch_size))
         self.log = logger or log
@@ -462,9 +464,11 @@ class KeyframeEmbedder:
         Loading it is mostly importing torch and open_clip: Python code that holds the GIL. Beside it,
         the decoder waits for the GIL after every frame (up to the 5 ms switch interval each time) and
         detection slows several-fold; so detection starts once the load is over, and only the forward
-        passes, which release the GIL, overlap with it.
+        passes, which release the GIL, overlap with it. Unless the model loads in another process
+        (``wait_for_model=False``): then it holds no GIL here, and detection starts at once.
         """
-        while not self._ready.wait(_WAIT_S):  # timed, so a signal still reaches the main thread
+        # Timed, so a signal still reaches the main thread.
+        while self.wait_for_model and not self._ready.wait(_WAIT_S):
             pass
 
     def submit(self, index: int, jpeg: bytes) -> None:
