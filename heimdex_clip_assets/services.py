@@ -144,9 +144,13 @@ def preload_encoder(settings: Settings, *, in_child: bool = False) -> None:
     if settings.clip_backend != "local":
         return
     if in_child:
-        with contextlib.suppress(ClipError):  # raised again by the step that needs the model
+        try:
             start_encoder_process(settings)
-        return
+            return
+        except ClipError:  # raised again by the step that needs the model
+            return
+        except OSError:  # no child process to be had here: the model loads in this one instead
+            pass
 
     def load() -> None:
         # A failure here is raised again, as a one-line error, by the step that needs the model.
