@@ -23,7 +23,6 @@ from heimdex_clip_assets.adapters.clip_backends import (
     ClipBackend,
     make_backend,
     settings_encoder,
-    start_encoder_process,
 )
 from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
@@ -145,7 +144,7 @@ def preload_encoder(settings: Settings, *, in_child: bool = False) -> None:
         return
     if in_child:
         try:
-            start_encoder_process(settings)
+            settings_encoder(settings, in_child=True)
             return
         except ClipError:  # raised again by the step that needs the model
             return

@@ -81,9 +81,13 @@ _ENCODERS: dict[tuple[str, str, str | None], ClipEncoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
-def load_encoder(model_name: str, pretrained: str, precision: str | None = None) -> ClipEncoder:
+def load_encoder(
+    model_name: str, pretrained: str, precision: str | None = None, *, in_child: bool = False
+) -> ClipEncoder:
     """The process's one encoder for these weights: a load takes seconds and hundreds of MB.
 
+    ``in_child``: the model loads in a child process (:mod:`.encoder_process`) and this returns at once;
+    the encoder's forward passes then run there, for every later caller too.
     ``CLIP_MODEL_VERSION`` is only a label, so it is not part of the key; backends carry their own.
     """
     key = (model_name, pretrained, precision)
@@ -91,34 +95,30 @@ def load_encoder(model_name: str, pretrained: str, precision: str | None = None)
         if key not in _ENCODERS:
             # Seconds, not a minute of the hub's retries, when the weights cannot be had.
             check_weights(model_name, pretrained)
-            from runpod_worker.encoder import ClipEncoder
+            if in_child:
+                from heimdex_clip_assets.adapters.encoder_process import EncoderProcess
 
-            _ENCODERS[key] = ClipEncoder.load(model_name, pretrained, precision=precision)
+                _ENCODERS[key] = EncoderProcess(*key)  # type: ignore[assignment]
+            else:
+                from runpod_worker.encoder import ClipEncoder
+
+                _ENCODERS[key] = ClipEncoder.load(model_name, pretrained, precision=precision)
         return _ENCODERS[key]
 
 
-def start_encoder_process(settings: Settings) -> None:
-    """Load the settings' model in a child process (:mod:`.encoder_process`), now, without waiting:
-    this process's :func:`settings_encoder` then answers through it."""
-    from heimdex_clip_assets.adapters.encoder_process import EncoderProcess
+def _settings_key(settings: Settings) -> tuple[str, str, str | None]:
+    return settings.clip_model_name, settings.clip_pretrained, settings.clip_precision
 
-    key = (settings.clip_model_name, settings.clip_pretrained, settings.clip_precision)
-    with _ENCODERS_LOCK:
-        if key not in _ENCODERS:
-            check_weights(*key[:2])
-            _ENCODERS[key] = EncoderProcess(*key)  # type: ignore[assignment]
+
+def settings_encoder(settings: Settings, *, in_child: bool = False) -> ClipEncoder:
+    return load_encoder(*_settings_key(settings), in_child=in_child)
 
 
 def encoder_in_child(settings: Settings) -> bool:
     """Whether the settings' model loads (or runs) in a child process: loading it holds no GIL here."""
     from heimdex_clip_assets.adapters.encoder_process import EncoderProcess
 
-    key = (settings.clip_model_name, settings.clip_pretrained, settings.clip_precision)
-    return isinstance(_ENCODERS.get(key), EncoderProcess)
-
-
-def settings_encoder(settings: Settings) -> ClipEncoder:
-    return load_encoder(settings.clip_model_name, settings.clip_pretrained, settings.clip_precision)
+    return isinstance(_ENCODERS.get(_settings_key(settings)), EncoderProcess)
 
 
 # ---------------------------------------------------------------------------------------- backends
