@@ -108,6 +108,10 @@ def _json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
+def _failed(job_id: str, err: ClipError) -> bytes:
+    return _json({"id": job_id, "status": "FAILED", "error": encode_job_error(err)["error"]})
+
+
 def create_app(config: LoopbackConfig) -> Starlette:
     stats = LoopbackStats()
     verifier = Verifier([config.secret]) if config.secret else None
@@ -129,8 +133,9 @@ def create_app(config: LoopbackConfig) -> Starlette:
             return list(await asyncio.gather(*(one(u) for u in urls)))
 
     def answer(
-        request: EmbedRequest, embeddings: list[str], errors: list[ClipError | None]
-    ) -> dict[str, Any]:
+        job_id: str, request: EmbedRequest, embeddings: list[str], errors: list[ClipError | None]
+    ) -> bytes:
+        """The job's answer as RunPod sends it, JSON-encoded."""
         head = {
             "dim": config.dim,
             "model": config.model,
@@ -150,11 +155,11 @@ def create_app(config: LoopbackConfig) -> Starlette:
         ]
         if not request.batch:
             if errors[0] is not None:
-                return {"status": "FAILED", "error": encode_job_error(errors[0])["error"]}
+                return _failed(job_id, errors[0])
             output = {**head, **results[0], "timings": {"total_ms": config.latency_s * 1000}}
         else:
             output = {**head, "results": results, "timings": {"total_ms": config.latency_s * 1000}}
-        return {"status": "COMPLETED", "output": output}
+        return _json({"id": job_id, "status": "COMPLETED", "output": output})
 
     async def run_job(job_id: str, job_input: Any, arrived: float) -> bytes:
         """The job's answer, as JSON, ``latency_s`` after it ``arrived`` (loop time): the endpoint's own
@@ -170,15 +175,13 @@ def create_app(config: LoopbackConfig) -> Starlette:
                 verifier.verify(request.message, request.ts, request.sig)
             urls = [item.image_url for item in request.items]
             embeddings = [encode_embedding(v, request.encoding) for v in vectors(urls)]
-            errors: list[ClipError | None] = [None] * len(urls)
-            body = None if config.fetch else _json({"id": job_id, **answer(request, embeddings, errors)})
+            body = None if config.fetch else answer(job_id, request, embeddings, [None] * len(urls))
             # The wait comes first, as on RunPod: a job queues, then its worker downloads the images.
             await asyncio.sleep(max(0.0, arrived + config.latency_s - asyncio.get_running_loop().time()))
             if body is None:
-                errors = await fetch_all(urls)
-                body = _json({"id": job_id, **answer(request, embeddings, errors)})
+                body = answer(job_id, request, embeddings, await fetch_all(urls))
         except ClipError as err:
-            return _json({"id": job_id, "status": "FAILED", "error": encode_job_error(err)["error"]})
+            return _failed(job_id, err)
         finally:
             stats.in_flight -= 1
         stats.jobs += 1
