@@ -16,8 +16,10 @@ outlives a call, so a store can be shared by threads and handed to forked proces
 from __future__ import annotations
 
 import re
+import threading
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -64,6 +66,8 @@ DAGSTER_TABLES = (
 )  # fmt: skip
 # ef_search 100 gives recall@10 >= 0.95 on 100k vectors in the bench at ~1-3 ms per query.
 DEFAULT_EF_SEARCH = 100
+# A held connection idle longer than this is checked before use (servers and poolers drop idle ones).
+HELD_CHECK_AFTER_S = 30.0
 # The project's progress per video (heimdex_clip.videos.state), and the seed's video_status each gives a
 # video the project registered itself: that system's app shows READY videos, so READY means every scene
 # has its CLIP embedding.
@@ -207,6 +211,7 @@ class VectorStore:
             if pool_size
             else None
         )
+        self._held = threading.local()  # a thread's connection while it is inside holding_connection()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -223,17 +228,38 @@ class VectorStore:
         return f"host={info.get('host', 'localhost')} dbname={info.get('dbname', '?')}"
 
     @contextmanager
+    def holding_connection(self) -> Iterator[None]:
+        """Within the block, this thread's calls share one connection (a transaction each) instead of
+        opening one per call: a busy thread, such as an engine's writer, pays no connect per job (a
+        TLS handshake and authentication on a hosted database, a server process on any). A lost
+        connection is replaced on the next call."""
+        if self._pool is not None or getattr(self._held, "active", False):
+            yield  # a pool already reuses connections; an outer block already holds one
+            return
+        self._held.active = True
+        try:
+            yield
+        finally:
+            self._held.active = False
+            conn, self._held.conn = getattr(self._held, "conn", None), None
+            if conn is not None:
+                conn.close()
+
+    @contextmanager
     def _connect(self, *, vectors: bool = True) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         """A connection in a transaction (committed on success), with database errors made typed."""
         try:
             if self._pool is not None:
                 with self._pool.connection() as conn:
                     yield conn
-                return
-            with psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10) as conn:
-                if vectors:
-                    self._register_vector(conn)
-                yield conn
+            elif getattr(self._held, "active", False):
+                with self._held_connection() as conn:
+                    yield conn
+            else:
+                with psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10) as conn:
+                    if vectors:
+                        self._register_vector(conn)
+                    yield conn
         except psycopg.OperationalError as exc:
             raise DatabaseError(
                 f"cannot reach PostgreSQL ({self._where()}): {str(exc).strip()}; check DATABASE_URL "
@@ -248,6 +274,29 @@ class VectorStore:
         except psycopg.Error as exc:
             raise DatabaseError(f"database error ({self._where()}): {str(exc).strip()}") from exc
 
+    @contextmanager
+    def _held_connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        conn = getattr(self._held, "conn", None)
+        if conn is not None and time.monotonic() - self._held.used > HELD_CHECK_AFTER_S:
+            try:  # idle a while: a server or pooler may have dropped it since
+                conn.execute("SELECT 1")
+                conn.commit()
+            except psycopg.Error:
+                conn.close()
+        if conn is None or conn.closed:
+            conn = self._held.conn = psycopg.connect(self.dsn, row_factory=dict_row, connect_timeout=10)
+            self._register_vector(conn)
+            conn.commit()  # idle between calls, not inside the type lookup's transaction
+        try:
+            with conn.transaction():
+                yield conn
+        except psycopg.OperationalError:
+            conn.close()  # lost or broken: the next call connects afresh
+            self._held.conn = None
+            raise
+        finally:
+            self._held.used = time.monotonic()
+
     def _register_vector(self, conn: psycopg.Connection[Any]) -> None:
         if self._vector_type is None:
             self._vector_type = TypeInfo.fetch(conn, "vector")
@@ -256,15 +305,25 @@ class VectorStore:
         register_vector_info(conn, self._vector_type)
 
     def _check_vector(self, vector: Sequence[float] | np.ndarray, what: str) -> np.ndarray:
-        arr = np.asarray(vector, dtype=np.float32)
-        if arr.shape != (self.dim,):
-            raise ModelMismatchError(
-                f"{what} has shape {arr.shape}, but the store holds {self.dim}-dimensional embeddings; "
-                "check CLIP_MODEL_NAME"
-            )
-        if not np.isfinite(arr).all():
-            raise InvalidRequestError(f"{what} holds NaN or infinite values")
-        return arr
+        return self._check_vectors([vector], lambda _: what)[0]
+
+    def _check_vectors(
+        self, vectors: Sequence[Sequence[float] | np.ndarray], what: Callable[[int], str]
+    ) -> np.ndarray:
+        """A write's vectors as one (n, dim) float32 matrix, their values checked in one pass (a
+        job's 256 checks one at a time cost more than the arithmetic); ``what(i)`` names vector i."""
+        arrays = [np.asarray(vector, dtype=np.float32) for vector in vectors]
+        for i, arr in enumerate(arrays):
+            if arr.shape != (self.dim,):
+                raise ModelMismatchError(
+                    f"{what(i)} has shape {arr.shape}, but the store holds {self.dim}-dimensional "
+                    "embeddings; check CLIP_MODEL_NAME"
+                )
+        matrix = np.stack(arrays) if arrays else np.zeros((0, self.dim), dtype=np.float32)
+        finite = np.isfinite(matrix).all(axis=1)
+        if not finite.all():
+            raise InvalidRequestError(f"{what(int(np.argmin(finite)))} holds NaN or infinite values")
+        return matrix
 
     # ---------------------------------------------------------------------------------------- schema
     def migrate(self) -> list[int]:
@@ -541,15 +600,8 @@ class VectorStore:
         Everything is validated before the first write, and any failure rolls the whole batch back, so
         a crash leaves the previous embeddings; writing the same rows again changes nothing.
         """
-        params = []
-        for row in rows:
-            vector = self._check_vector(row.vector, f"embedding of scene {row.index} of video {video_id}")
-            missing = [key for key in METADATA_KEYS if key not in row.metadata]
-            if missing:
-                raise InvalidRequestError(
-                    f"metadata of scene {row.index} of video {video_id} lacks {', '.join(missing)}"
-                )
-            params.append((vector, Jsonb(row.metadata), video_id, row.index))
+        values = self._embedding_values(rows, lambda row: f"scene {row.index} of video {video_id}")
+        params = [(*value, video_id, row.index) for value, row in zip(values, rows, strict=True)]
         if not params:
             return
         with self._connect() as conn, conn.cursor() as cur:
@@ -563,6 +615,18 @@ class VectorStore:
                     f"only {cur.rowcount} of {len(params)} scenes of video {video_id} exist; nothing written"
                 )
 
+    def _embedding_values(
+        self, rows: Sequence[EmbeddingRow] | Sequence[SceneEmbedding], name: Callable[[Any], str]
+    ) -> list[tuple[np.ndarray, Jsonb]]:
+        """Each row's vector and metadata as written, all of them checked before the first write;
+        ``name(row)`` says which scene a row is, for messages."""
+        matrix = self._check_vectors([row.vector for row in rows], lambda i: f"embedding of {name(rows[i])}")
+        for row in rows:
+            missing = [key for key in METADATA_KEYS if key not in row.metadata]
+            if missing:
+                raise InvalidRequestError(f"metadata of {name(row)} lacks {', '.join(missing)}")
+        return [(vector, Jsonb(row.metadata)) for vector, row in zip(matrix, rows, strict=True)]
+
     def write_scene_embeddings(self, rows: Sequence[SceneEmbedding]) -> None:
         """Store embeddings of scenes of any videos in one transaction (one engine job's results),
         touching only the two CLIP columns.
@@ -570,13 +634,8 @@ class VectorStore:
         Validated before the first write; a failure rolls the whole job back, so a crash leaves the
         previous embeddings, and writing the same rows again changes nothing.
         """
-        params = []
-        for row in rows:
-            vector = self._check_vector(row.vector, f"embedding of scene {row.scene_id}")
-            missing = [key for key in METADATA_KEYS if key not in row.metadata]
-            if missing:
-                raise InvalidRequestError(f"metadata of scene {row.scene_id} lacks {', '.join(missing)}")
-            params.append((vector, Jsonb(row.metadata), row.scene_id))
+        values = self._embedding_values(rows, lambda row: f"scene {row.scene_id}")
+        params = [(*value, row.scene_id) for value, row in zip(values, rows, strict=True)]
         if not params:
             return
         with self._connect() as conn, conn.cursor() as cur:

@@ -161,7 +161,7 @@ class EmbeddingEngine:
             pending.add(pool.submit(self._guarded_job, job, written, slots))
             return True
 
-        jobs = _ReadAhead(self._jobs(pages, report))
+        jobs = _ReadAhead(self._jobs(pages, report), self.store)
         try:
             for job in jobs:
                 # At most max_in_flight jobs signed ahead: the reader waits to send the oldest first.
@@ -205,13 +205,14 @@ class EmbeddingEngine:
             slots.release()
 
     def _writer(self, written: queue.Queue[_Finished | None], report: EngineReport) -> None:
-        while (finished := written.get()) is not None:
-            if self._error is not None:
-                continue  # drain, so no job thread waits on a full queue
-            try:
-                self._write(finished, report)
-            except BaseException as exc:  # a database error stops the run
-                self._error = self._error or exc
+        with self.store.holding_connection():  # one connection for all of this writer's jobs
+            while (finished := written.get()) is not None:
+                if self._error is not None:
+                    continue  # drain, so no job thread waits on a full queue
+                try:
+                    self._write(finished, report)
+                except BaseException as exc:  # a database error stops the run
+                    self._error = self._error or exc
 
     # ---------------------------------------------------------------------------------- packing
     def _jobs(
@@ -328,17 +329,18 @@ class _ReadAhead:
 
     _END = object()
 
-    def __init__(self, jobs: Iterator[list[SceneToEmbed]]) -> None:
+    def __init__(self, jobs: Iterator[list[SceneToEmbed]], store: VectorStore) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=1)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._read, args=(jobs,), name="clip-read", daemon=True)
+        self._thread = threading.Thread(target=self._read, args=(jobs, store), name="clip-read", daemon=True)
         self._thread.start()
 
-    def _read(self, jobs: Iterator[list[SceneToEmbed]]) -> None:
+    def _read(self, jobs: Iterator[list[SceneToEmbed]], store: VectorStore) -> None:
         try:
-            for job in jobs:
-                if not self._put(job):
-                    return
+            with store.holding_connection():  # every page (and cache answer) on one connection
+                for job in jobs:
+                    if not self._put(job):
+                        return
             self._put((self._END, None))
         except BaseException as exc:  # a failed read: raised by the engine's reader
             self._put((self._END, exc))

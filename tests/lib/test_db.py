@@ -233,6 +233,30 @@ def test_failed_batch_leaves_previous_state(store: VectorStore) -> None:
         assert s.metadata is not None and s.metadata["backend"] == "local"
 
 
+def test_a_held_connection_serves_a_thread_and_survives_its_loss(
+    store: VectorStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An engine writer's calls share one connection; a failed call rolls back and leaves it usable;
+    a connection the server dropped while idle is replaced, not failed on."""
+    rng = np.random.default_rng(4)
+    video_id = add_video(store, 3)
+    pid = "SELECT pg_backend_pid() AS pid"
+    with store.holding_connection():
+        first = store.query(pid)[0]["pid"]
+        embed_all(store, video_id, rng)
+        with pytest.raises(NotFoundError):
+            store.write_embeddings(video_id, [EmbeddingRow(9, unit(rng), metadata())])
+        assert store.query(pid)[0]["pid"] == first
+        assert all(s.embedding is not None for s in store.scenes(video_id))
+
+        with psycopg.connect(store.dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (first,))
+        monkeypatch.setattr("heimdex_clip_assets.adapters.db.HELD_CHECK_AFTER_S", 0.0)
+        second = store.query(pid)[0]["pid"]
+        assert second != first
+    assert store.query(pid)[0]["pid"] != second  # outside the block: a connection per call again
+
+
 def _write_video(args: tuple[str, str, int]) -> None:
     dsn, video_id, seed = args
     store = VectorStore(dsn, DIM)
