@@ -11,6 +11,7 @@ Search queries go to the same place (``services.query_encoder``): the worker's t
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -152,15 +153,12 @@ class ClipBackend(ABC):
         """Embed a job :meth:`prepare` made; by default all the work happens here."""
         return self.embed(job.images)
 
-    def _result(self, vector: np.ndarray, *, batch_size: int, **timings: float) -> EmbeddingResult:
-        # The vector store ranks by cosine on unit vectors; a remote worker is outside our control, so
-        # the invariant is enforced here, where every backend's vectors pass.
-        vector = _unit(vector)
-        metadata = {
+    def _job_metadata(self, batch_size: int) -> dict[str, Any]:
+        """The metadata all of one job's results share (made once per job, not per image)."""
+        return {
             # The keys the seed system documents for visual_clip_metadata (its app reads them)...
             "model_name": self.model_name,
             "pretrained": self.pretrained,
-            "embed_dim": int(vector.shape[0]),
             "normalized": True,
             "device": self.device,
             "created_at": utc_now(),
@@ -170,6 +168,16 @@ class ClipBackend(ABC):
             "model_version": self.model_version,
             "cache_hit": False,
             "batch_size": batch_size,
+        }
+
+    @staticmethod
+    def _result(vector: np.ndarray, job: dict[str, Any], **timings: float) -> EmbeddingResult:
+        # The vector store ranks by cosine on unit vectors; a remote worker is outside our control, so
+        # the invariant is enforced here, where every backend's vectors pass.
+        vector = _unit(vector)
+        metadata = {
+            **job,
+            "embed_dim": int(vector.shape[0]),
             **{k: round(float(v), 2) for k, v in timings.items()},
         }
         return EmbeddingResult(vector, metadata)
@@ -237,17 +245,9 @@ class RunPodBackend(ClipBackend):
         started = time.perf_counter()
         images, urls = job.images, job.urls
         paths = {str(img.key): str(img.storage_path) for img in images}
-        slots: list[EmbeddingResult | ClipError] = [
-            NotFoundError(
-                f"Scene {img.key}: its thumbnail {img.storage_path} is not in storage; rerun "
-                "scene_keyframes for its video"
-            )
-            for img in images
-        ]
-        sendable = [i for i, img in enumerate(images) if img.storage_path in urls]
-        if not sendable:
-            return slots
         items = self._items(images, urls)
+        if not items:
+            return [self._not_in_storage(img) for img in images]
 
         def resign(items: Sequence[ImageItem]) -> list[ImageItem]:
             again = [paths[str(i.request_id)] for i in items]
@@ -257,21 +257,34 @@ class RunPodBackend(ClipBackend):
         remote = self._embed_items(items, resign, job.signed)
         # What the pipeline waited per image: the job's round trip shared by its images (signing, queue
         # and network included, unlike the worker's own timings; not the wait for a slot).
-        total_ms = (job.prepare_s + time.perf_counter() - started) * 1000 / len(sendable)
-        for i, item in zip(sendable, remote, strict=True):
-            slots[i] = (
-                item
-                if isinstance(item, ClipError)
-                else self._result(
-                    item.vector,
-                    inference_time_ms=item.inference_ms,
-                    download_ms=item.download_ms,
-                    total_ms=total_ms,
-                    worker_total_ms=item.total_ms,
-                    batch_size=len(sendable),
+        total_ms = (job.prepare_s + time.perf_counter() - started) * 1000 / len(items)
+        shared = self._job_metadata(len(items))
+        sent = iter(remote)
+        slots: list[EmbeddingResult | ClipError] = []
+        for img in images:
+            if img.storage_path not in urls:
+                slots.append(self._not_in_storage(img))
+            elif isinstance(item := next(sent), ClipError):
+                slots.append(item)
+            else:
+                slots.append(
+                    self._result(
+                        item.vector,
+                        shared,
+                        inference_time_ms=item.inference_ms,
+                        download_ms=item.download_ms,
+                        total_ms=total_ms,
+                        worker_total_ms=item.total_ms,
+                    )
                 )
-            )
         return slots
+
+    @staticmethod
+    def _not_in_storage(img: SceneImage) -> NotFoundError:
+        return NotFoundError(
+            f"Scene {img.key}: its thumbnail {img.storage_path} is not in storage; rerun scene_keyframes "
+            "for its video"
+        )
 
     @staticmethod
     def _items(images: Sequence[SceneImage], urls: dict[str, str]) -> list[ImageItem]:
@@ -352,6 +365,7 @@ class LocalBackend(ClipBackend):
         # One forward pass serves the whole batch; each image is charged an equal share of it.
         inference_ms = (time.perf_counter() - t0) * 1000 / len(blobs)
         total_ms = (time.perf_counter() - started) * 1000 / len(blobs)
+        shared = self._job_metadata(len(blobs))
         out: list[EmbeddingResult | ClipError] = []
         for data, download_ms in fetched:
             vector = data if isinstance(data, ClipError) else next(encoded)
@@ -360,10 +374,10 @@ class LocalBackend(ClipBackend):
                 if isinstance(vector, ClipError)
                 else self._result(
                     vector,
+                    shared,
                     inference_time_ms=inference_ms,
                     download_ms=download_ms,
                     total_ms=total_ms,
-                    batch_size=len(blobs),
                 )
             )
         return out
@@ -469,5 +483,5 @@ def utc_now() -> str:
 
 def _unit(vector: np.ndarray) -> np.ndarray:
     vector = np.asarray(vector, dtype=np.float32)
-    norm = float(np.linalg.norm(vector))
+    norm = math.sqrt(float(vector @ vector))  # np.linalg.norm's own overhead is most of a 512-d norm
     return vector / norm if norm > 0 else vector
