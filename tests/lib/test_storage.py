@@ -93,6 +93,9 @@ def test_expired_and_tampered_tokens_are_refused(storage: SupabaseStorage) -> No
     url = storage.create_signed_url("a/0.jpg", expires_in=60)
     token = url.split("token=")[1]
     claims = jwt.decode(token, options={"verify_signature": False})
+    # The server makes its tokens by hand (a quarter of jwt.encode's cost): still standard HS256 JWTs.
+    assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
+    assert set(claims) == {"url", "iat", "exp"}
     forged = jwt.encode(
         {**claims, "url": claims["url"].replace("0.jpg", "1.jpg")}, "a-guessed-secret-of-32-bytes-or-more"
     )
