@@ -255,6 +255,12 @@ def main() -> None:
                     f"{report.embedded} images in {report.wall_s:.1f} s = {rate:,.0f} images/s; "
                     f"{report.jobs} jobs, peak in flight {seen} (endpoint) / {report.peak_in_flight} (engine)"
                 )
+                jobs_ms = sorted(s * 1000 for s in report.job_seconds)
+                slot_busy = sum(jobs_ms) / 1000 / (report.wall_s * args.in_flight)
+                print(
+                    f"  a job from sending to its checked vectors: median {jobs_ms[len(jobs_ms) // 2]:.0f} "
+                    f"ms, p90 {jobs_ms[len(jobs_ms) * 9 // 10]:.0f} ms; slots busy {slot_busy:.0%} of the run"
+                )
                 busy = spy.seconds / (report.wall_s * args.write_threads)
                 print(
                     f"  database writes: {spy.seconds:.1f} s on {args.write_threads} writer connections "
