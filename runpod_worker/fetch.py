@@ -14,10 +14,12 @@ import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import Self
 from urllib.parse import urljoin, urlsplit
 
+import aiohttp
 import certifi
-import httpx
+from yarl import URL
 
 from heimdex_clip_contract.errors import (
     ImageDownloadError,
@@ -36,11 +38,10 @@ _EXTRA_BLOCKED = (ipaddress.ip_network("100.64.0.0/10"), ipaddress.ip_network("6
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _CHUNK = 64 * 1024
-# One TLS context for every client: httpx builds a new one per client by default, which parses the CA
-# bundle synchronously on the event loop (~20 ms a job). Same trust store (certifi) as httpx's default,
-# and ``create_default_context`` keeps CERT_REQUIRED + check_hostname, so a connection pinned to an IP
-# is still verified against the name sent as SNI (``_get_once``'s ``sni_hostname``), not the IP.
-# Sharing is safe: a context is only read per handshake (httpcore re-sets the same ALPN list on it).
+# One TLS context for every job: a new one parses the CA bundle synchronously on the event loop (~20 ms
+# a job). Same trust store (certifi), and ``create_default_context`` keeps CERT_REQUIRED +
+# check_hostname, so a connection pinned to an IP is still verified against the name sent as SNI
+# (``_get_once``'s ``server_hostname``), not the IP. Sharing is safe: a context is only read per handshake.
 _TLS_CONTEXT = ssl.create_default_context(cafile=certifi.where())
 
 
@@ -144,11 +145,58 @@ async def _resolve(host: str, port: int, policy: FetchPolicy) -> str:
     return addresses[0]
 
 
-async def _check_url(url: str, policy: FetchPolicy) -> tuple[httpx.URL, str]:
-    """Validate one hop; return the pinned URL (host replaced by a checked IP) and the Host header."""
+class ImageClient:
+    """One job's downloads: an aiohttp session (no proxies from the environment, no automatic redirects
+    or decompression) whose connections are kept alive from image to image, and each host's checked
+    address, resolved once for the job (its URLs share a host or two; a resolution per image was a
+    thread hop each). Use it as an async context manager, on the loop that runs the job."""
+
+    def __init__(self, policy: FetchPolicy, *, max_connections: int = 16) -> None:
+        self.policy = policy
+        self._max_connections = max_connections
+        self._session: aiohttp.ClientSession | None = None
+        self._addresses: dict[tuple[str, int], asyncio.Task[str]] = {}
+
+    async def __aenter__(self) -> Self:
+        connector = aiohttp.TCPConnector(
+            limit=self._max_connections, limit_per_host=self._max_connections, ssl=_TLS_CONTEXT
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,  # the cap counts the bytes that arrive, and images come as they are
+            trust_env=False,  # a proxy would make the pinned address meaningless
+            timeout=aiohttp.ClientTimeout(total=self.policy.timeout_s),
+        )
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+        for task in self._addresses.values():
+            task.cancel()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("use ImageClient as an async context manager")
+        return self._session
+
+    async def address(self, host: str, port: int) -> str:
+        """``host``'s checked address: resolved once per job, however many of its images ask at once
+        (a refusal is the same for all of them)."""
+        task = self._addresses.get((host, port))
+        if task is None:
+            task = self._addresses[(host, port)] = asyncio.create_task(_resolve(host, port, self.policy))
+        return await asyncio.shield(task)  # one image's timeout must not cancel the others' answer
+
+
+async def _check_url(client: ImageClient, url: str) -> tuple[URL, str, str | None]:
+    """Validate one hop; return the pinned URL (host replaced by a checked IP), the Host header, and
+    the name TLS must verify (None for http)."""
     parts = urlsplit(url)
     # file://, ftp://, gopher:// and friends reach local files or other protocols: only web fetches.
-    if parts.scheme.lower() not in _ALLOWED_SCHEMES:
+    scheme = parts.scheme.lower()
+    if scheme not in _ALLOWED_SCHEMES:
         raise InvalidRequestError(f"image_url scheme {parts.scheme!r} is not allowed (http or https only)")
     host = parts.hostname
     if not host:
@@ -156,48 +204,43 @@ async def _check_url(url: str, policy: FetchPolicy) -> tuple[httpx.URL, str]:
     # userinfo would be sent as Basic auth to whoever the URL names; a signed URL never needs it.
     if parts.username or parts.password:
         raise InvalidRequestError("image_url must not carry credentials")
-    if not host_allowed(host, policy.host_allowlist):
+    if not host_allowed(host, client.policy.host_allowlist):
         raise InvalidRequestError(f"image_url host {host!r} is not in IMAGE_HOST_ALLOWLIST")
     try:
-        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
+        port = parts.port or (443 if scheme == "https" else 80)
+        # encoded=True: the signed URL's query (its token) goes out byte for byte as it was signed.
+        pinned = URL(url, encoded=True).with_host(await client.address(host, port))
     except ValueError as exc:
-        raise InvalidRequestError("image_url has an invalid port") from exc
-    ip = await _resolve(host, port, policy)
-    pinned = httpx.URL(url).copy_with(host=ip)
-    return pinned, parts.netloc.rsplit("@", 1)[-1]
+        raise InvalidRequestError("image_url has an invalid port or host") from exc
+    return pinned, parts.netloc.rsplit("@", 1)[-1], host if scheme == "https" else None
 
 
-async def _get_once(
-    client: httpx.AsyncClient, url: str, policy: FetchPolicy
-) -> tuple[bytes, None] | tuple[None, str]:
+async def _get_once(client: ImageClient, url: str) -> tuple[bytes, None] | tuple[None, str]:
     """One hop: (body, None), or (None, next URL) for a redirect."""
-    pinned, host_header = await _check_url(url, policy)
-    request = client.build_request(
-        "GET",
+    policy = client.policy
+    pinned, host_header, tls_name = await _check_url(client, url)
+    async with client.session.get(
         pinned,
-        headers={"Host": host_header, "Accept": "image/*"},
+        headers={"Host": host_header, "Accept": "image/*", "Accept-Encoding": "identity"},
+        allow_redirects=False,
         # TLS must still present and verify the real name, not the pinned IP.
-        extensions={"sni_hostname": urlsplit(url).hostname},
-    )
-    response = await client.send(request, stream=True)
-    try:
-        if response.status_code in _REDIRECT_STATUS:
+        server_hostname=tls_name,
+    ) as response:
+        if response.status in _REDIRECT_STATUS:
             location = response.headers.get("location")
             if not location:
                 raise ImageDownloadError("Image download failed: redirect without Location", retryable=False)
             return None, urljoin(url, location)
-        if 400 <= response.status_code < 500:
+        if 400 <= response.status < 500:
             # An expired or bad signed URL (Supabase answers 400 InvalidJWT) will not heal by retrying
             # the same URL: the caller must sign a new one.
             raise ImageDownloadError(
-                f"Image download failed: HTTP {response.status_code} from the image host (expired or "
+                f"Image download failed: HTTP {response.status} from the image host (expired or "
                 "invalid signed URL?)",
                 retryable=False,
             )
-        if response.status_code >= 300:
-            raise ImageDownloadError(
-                f"Image download failed: HTTP {response.status_code} from the image host"
-            )
+        if response.status >= 300:
+            raise ImageDownloadError(f"Image download failed: HTTP {response.status} from the image host")
         content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if not content_type.startswith("image/"):
             raise InvalidImageError(f"Image host sent content type {content_type or 'none'!r}, not image/*")
@@ -208,46 +251,31 @@ async def _get_once(
             )
         # Content-Length may be absent or lie: count what actually arrives and stop at the cap.
         body = bytearray()
-        async for chunk in response.aiter_raw(_CHUNK):
+        async for chunk in response.content.iter_chunked(_CHUNK):
             body += chunk
             if len(body) > policy.max_bytes:
                 raise ImageTooLargeError(f"Image is over MAX_IMAGE_SIZE_BYTES={policy.max_bytes}")
         return bytes(body), None
-    finally:
-        await response.aclose()
 
 
-async def fetch_image(client: httpx.AsyncClient, url: str, policy: FetchPolicy) -> bytes:
-    """Download one image under ``policy``; raises a :class:`ClipError` subclass on any refusal.
-
-    ``client`` must not follow redirects itself (each hop is checked here) and should trust no proxy
-    environment (``trust_env=False``): a proxy would make the pinned address meaningless.
-    """
+async def fetch_image(client: ImageClient, url: str) -> bytes:
+    """Download one image under the client's policy; raises a :class:`ClipError` subclass on any
+    refusal. Every redirect hop is checked as the first URL was."""
+    timeout_s = client.policy.timeout_s
     try:
-        async with asyncio.timeout(policy.timeout_s):
-            for _ in range(policy.max_redirects + 1):
-                body, redirect = await _get_once(client, url, policy)
+        async with asyncio.timeout(timeout_s):
+            for _ in range(client.policy.max_redirects + 1):
+                body, redirect = await _get_once(client, url)
                 if redirect is None:
                     return body
                 url = redirect
     except TimeoutError as exc:
         raise ImageDownloadError(
-            f"Image download failed: Timeout after {policy.timeout_s:g}s (IMAGE_DOWNLOAD_TIMEOUT)"
+            f"Image download failed: Timeout after {timeout_s:g}s (IMAGE_DOWNLOAD_TIMEOUT)"
         ) from exc
-    except httpx.HTTPError as exc:
+    except aiohttp.ClientError as exc:
         # Connection resets, protocol errors: the network's fault, worth a retry.
         raise ImageDownloadError(f"Image download failed: {type(exc).__name__}") from exc
     raise ImageDownloadError(
-        f"Image download failed: more than {policy.max_redirects} redirects", retryable=False
-    )
-
-
-def make_client(policy: FetchPolicy, *, max_connections: int = 16) -> httpx.AsyncClient:
-    """The client :func:`fetch_image` expects: no automatic redirects, no proxies from the environment."""
-    return httpx.AsyncClient(
-        follow_redirects=False,
-        trust_env=False,
-        verify=_TLS_CONTEXT,
-        timeout=httpx.Timeout(policy.timeout_s),
-        limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        f"Image download failed: more than {client.policy.max_redirects} redirects", retryable=False
     )

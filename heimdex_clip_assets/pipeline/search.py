@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_contract.errors import ClipError, InvalidImageError, InvalidRequestError, NotFoundError
-from runpod_worker.fetch import FetchPolicy, fetch_image, make_client
+from runpod_worker.fetch import FetchPolicy, ImageClient, fetch_image
 
 if TYPE_CHECKING:  # the encoder imports torch: only the local kind loads it
     from heimdex_clip_assets.adapters.runpod_client import RunPodClient
@@ -78,8 +78,8 @@ class LocalQueryEncoder:
         policy = self.fetch_policy
 
         async def fetch() -> bytes:
-            async with make_client(policy) as client:
-                return await fetch_image(client, url, policy)
+            async with ImageClient(policy) as client:
+                return await fetch_image(client, url)
 
         return self.encode_image(asyncio.run(fetch()))
 

@@ -201,8 +201,8 @@ def test_worker_fetches_a_signed_url(storage: SupabaseStorage) -> None:
     policy = fetch.FetchPolicy(allow_private=True)  # the embedded server listens on 127.0.0.1
 
     async def download() -> bytes:
-        async with fetch.make_client(policy) as client:
-            return await fetch.fetch_image(client, url, policy)
+        async with fetch.ImageClient(policy) as client:
+            return await fetch.fetch_image(client, url)
 
     assert asyncio.run(download()) == JPEG
 

@@ -62,3 +62,21 @@ def test_the_wire_contract_is_standard_library_only() -> None:
         allowed = {"pydantic", "pydantic_settings"} if path.name == "settings.py" else set()
         outside = _imports(path) - set(sys.stdlib_module_names) - allowed
         assert not outside, f"{path.name} imports {outside}"
+
+
+# Import name -> the distribution requirements.txt names, where the two differ.
+_DISTRIBUTIONS = {"PIL": "pillow", "open_clip": "open-clip-torch", "pydantic": "pydantic-settings"}
+
+
+def test_everything_the_worker_imports_is_in_its_requirements() -> None:
+    listed = {
+        re.split(r"[=<>\[;\s]", line.strip(), maxsplit=1)[0].lower()
+        for line in (WORKER / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    }
+    ours = {"runpod_worker", "heimdex_clip_contract"}
+    for path in WORKER.glob("*.py"):
+        for name in _imports(path) - set(sys.stdlib_module_names) - ours:
+            assert _DISTRIBUTIONS.get(name, name).lower() in listed, (
+                f"{path.name} imports {name}, not in requirements.txt"
+            )

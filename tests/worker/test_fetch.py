@@ -21,7 +21,7 @@ from heimdex_clip_contract.errors import (
     InvalidRequestError,
 )
 from runpod_worker.config import WorkerConfig
-from runpod_worker.fetch import FetchPolicy, fetch_image, is_public_address, make_client
+from runpod_worker.fetch import FetchPolicy, ImageClient, fetch_image, is_public_address
 from runpod_worker.handler import http_fetcher
 
 LOOPBACK_OK = FetchPolicy(allow_private=True, max_bytes=1000, timeout_s=2)
@@ -29,8 +29,8 @@ LOOPBACK_OK = FetchPolicy(allow_private=True, max_bytes=1000, timeout_s=2)
 
 def fetch(url: str, policy: FetchPolicy = LOOPBACK_OK) -> bytes:
     async def run() -> bytes:
-        async with make_client(policy) as client:
-            return await fetch_image(client, url, policy)
+        async with ImageClient(policy) as client:
+            return await fetch_image(client, url)
 
     return asyncio.run(run())
 
@@ -126,11 +126,12 @@ def test_oversize_by_content_length_and_by_stream(image_server: ImageServer) -> 
     assert isinstance(refused(image_server.add("/big", b"x" * 5000)), ImageTooLargeError)
     streamed = image_server.add("/big-stream", Route(body=b"x" * 50_000, send_length=False))
     assert isinstance(refused(streamed), ImageTooLargeError)
-    # Content-Length says 10, the server sends more: only the declared bytes are ever read.
+    # Content-Length says 10, the server sends more: a broken answer, refused as a failed download.
     lying = image_server.add(
         "/lying", Route(body=b"y" * 50_000, headers={"Content-Length": "10"}, send_length=False)
     )
-    assert fetch(lying) == b"y" * 10
+    err = refused(lying)
+    assert isinstance(err, ImageDownloadError) and len(err.message) < 200
 
 
 def test_non_image_content_type(image_server: ImageServer) -> None:
@@ -164,13 +165,33 @@ def test_clients_share_one_verifying_tls_context() -> None:
     async def contexts() -> list[ssl.SSLContext]:
         found = []
         for _ in range(2):
-            async with make_client(LOOPBACK_OK) as client:
-                found.append(client._transport._pool._ssl_context)  # type: ignore[attr-defined]
+            async with ImageClient(LOOPBACK_OK) as client:
+                found.append(client.session.connector._ssl)  # type: ignore[union-attr]
         return found
 
     first, second = asyncio.run(contexts())
     assert first is second
     assert first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
+
+
+def test_a_host_is_resolved_once_per_job(monkeypatch: pytest.MonkeyPatch, image_server: ImageServer) -> None:
+    """A job's images share a host: its address is looked up and checked once, not per image."""
+    import runpod_worker.fetch as fetch_module
+
+    calls = []
+    resolve = fetch_module._resolve
+
+    async def counting(host: str, port: int, policy: FetchPolicy) -> str:
+        calls.append(host)
+        return await resolve(host, port, policy)
+
+    monkeypatch.setattr(fetch_module, "_resolve", counting)
+    urls = [image_server.add(f"/same-host-{i}.jpg", b"img") for i in range(8)]
+    config = WorkerConfig.from_env(
+        {"WORKER_ALLOW_INSECURE_NO_AUTH": "true", "IMAGE_ALLOW_PRIVATE_HOSTS": "true"}
+    )
+    fetched = asyncio.run(http_fetcher(config)(urls))
+    assert [data for data, _ in fetched] == [b"img"] * 8 and calls == ["127.0.0.1"]
 
 
 def test_a_job_downloads_over_a_few_kept_alive_connections() -> None:
