@@ -1029,10 +1029,15 @@ def ensure_storage_server(
         return EmbeddedStorage(url, service_key)
 
 
+def storage_server_pid(home: Path) -> int | None:
+    """The process id of the state folder's storage server while it answers at its recorded URL."""
+    state = _read_state(_state_dir(home))
+    return state.pid if state is not None and state.pid > 0 and _healthy(state.url) else None
+
+
 def storage_server_running(home: Path) -> bool:
     """Whether the state folder's storage server answers at its recorded URL."""
-    state = _read_state(_state_dir(home))
-    return state is not None and state.pid > 0 and _healthy(state.url)
+    return storage_server_pid(home) is not None
 
 
 def stop_storage_server(home: Path) -> None:
