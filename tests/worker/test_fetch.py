@@ -126,12 +126,16 @@ def test_oversize_by_content_length_and_by_stream(image_server: ImageServer) -> 
     assert isinstance(refused(image_server.add("/big", b"x" * 5000)), ImageTooLargeError)
     streamed = image_server.add("/big-stream", Route(body=b"x" * 50_000, send_length=False))
     assert isinstance(refused(streamed), ImageTooLargeError)
-    # Content-Length says 10, the server sends more: a broken answer, refused as a failed download.
+    # Content-Length says 10, the server sends more: never more than the declared bytes. Whether the
+    # surplus is seen (a broken answer: a failed download) depends on how it arrives; both are safe.
     lying = image_server.add(
         "/lying", Route(body=b"y" * 50_000, headers={"Content-Length": "10"}, send_length=False)
     )
-    err = refused(lying)
-    assert isinstance(err, ImageDownloadError) and len(err.message) < 200
+    for _ in range(5):
+        try:
+            assert fetch(lying) == b"y" * 10
+        except ImageDownloadError as err:
+            assert len(err.message) < 200  # aiohttp's own message quotes the surplus: not passed on
 
 
 def test_non_image_content_type(image_server: ImageServer) -> None:
