@@ -69,6 +69,11 @@ def test_signed_urls_work_without_credentials(storage: SupabaseStorage) -> None:
     reply = httpx.get(url)  # no auth headers, as the worker fetches it
     assert reply.status_code == 200 and reply.content == JPEG
     assert reply.headers["content-type"] == "image/jpeg"
+    # A thumbnail comes from one read, with the headers a streamed file has; a range still works.
+    assert reply.headers["content-length"] == str(len(JPEG)) and reply.headers["etag"].startswith('"')
+    assert {"last-modified", "accept-ranges"} <= set(reply.headers)
+    part = httpx.get(url, headers={"Range": "bytes=2-5"})
+    assert part.status_code == 206 and part.content == JPEG[2:6]
 
     urls = storage.create_signed_urls(["thumbnails/v1/0.jpg", "thumbnails/v1/1.jpg"], expires_in=60)
     assert httpx.get(urls["thumbnails/v1/1.jpg"]).content == b"one"
