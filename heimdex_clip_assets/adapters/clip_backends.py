@@ -251,8 +251,12 @@ class RunPodBackend(ClipBackend):
 
         def resign(items: Sequence[ImageItem]) -> list[ImageItem]:
             again = [paths[str(i.request_id)] for i in items]
-            fresh = self.storage.create_signed_urls(again, self.expires_in)
-            return [ImageItem(fresh[path], i.request_id) for path, i in zip(again, items, strict=True)]
+            # A thumbnail deleted meanwhile keeps its old URL: it fails again alone, not the whole job.
+            fresh = self.storage.create_signed_urls(again, self.expires_in, missing_ok=True)
+            return [
+                ImageItem(fresh.get(path, i.image_url), i.request_id)
+                for path, i in zip(again, items, strict=True)
+            ]
 
         remote = self._embed_items(items, resign, job.signed)
         # What the pipeline waited per image: the job's round trip shared by its images (signing, queue

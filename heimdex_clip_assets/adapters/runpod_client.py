@@ -11,9 +11,10 @@ batch of images, sent as one RunPod job (plus retries):
   (``POST {url}/cancel/{id}``, best effort, in the background).
 * This is the only layer that retries. Retryable failures of the whole job (network, HTTP 429/5xx, FAILED
   jobs whose error is retryable) are retried with exponential backoff and full jitter; so are the images
-  whose own slot failed retryably (``image_download_failed`` above all: an expired URL), and only those.
-  Before every retry the caller's ``resign`` gives the images fresh signed URLs. Everything else is
-  final at once; auth failures above all.
+  whose own slot failed retryably, and only those. Before every retry the caller's ``resign`` gives the
+  images fresh signed URLs, so with a ``resign`` every ``image_download_failed`` slot is retried: the
+  worker marks a refused URL (HTTP 4xx: an expired signature) final, as the same URL would fail again,
+  but a fresh one heals it. Everything else is final at once; auth failures above all.
 * Every result is checked before it is believed: matched to its image by ``request_id`` (never by
   position), JSON numbers or base64 float32 only, the model's width, finite, and of unit norm. A bad slot
   fails that image alone.
@@ -52,6 +53,7 @@ from heimdex_clip_contract.codec import NORM_TOLERANCE
 from heimdex_clip_contract.errors import (
     AuthError,
     ClipError,
+    ImageDownloadError,
     ModelMismatchError,
     NetworkError,
     RemoteError,
@@ -326,7 +328,10 @@ class RunPodClient:
                     retry = []
                     for i, result in zip(pending, out, strict=True):
                         results[i] = result
-                        if isinstance(result, ClipError) and result.retryable:
+                        if isinstance(result, ClipError) and (
+                            result.retryable
+                            or (resign is not None and result.code == ImageDownloadError.code)
+                        ):
                             retry.append(i)
                     if not retry or attempt >= self.max_retries:
                         break

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import (
     AuthError,
     ClipError,
+    ImageDownloadError,
     InternalError,
     InvalidImageError,
     ModelMismatchError,
@@ -351,6 +352,28 @@ def test_per_image_errors_stay_in_their_slot() -> None:
     out = make_client(CloudStub(one_bad)).embed_batch(ITEMS)
     assert isinstance(out[0], RemoteEmbedding) and isinstance(out[2], RemoteEmbedding)
     assert isinstance(out[1], InvalidImageError) and out[1].message == "not a JPEG"
+
+
+def test_a_refused_url_is_sent_again_freshly_signed_only_where_it_can_be() -> None:
+    """The worker marks an expired URL's slot final (the same URL fails again); a caller that can sign
+    afresh gets that image retried with a new URL, alone. Without a resign it stays final."""
+    expired = ImageDownloadError("Image download failed: HTTP 400 (expired?)", retryable=False)
+
+    def first_expired(request: httpx.Request) -> httpx.Response:
+        output = batch_output(request)
+        output["results"][1] = {"request_id": "1", "error": expired.to_dict()}
+        return httpx.Response(200, json={"id": "j", "status": "COMPLETED", "output": output})
+
+    def resign(items: Sequence[ImageItem]) -> list[ImageItem]:
+        return [ImageItem(item.image_url + "?fresh", item.request_id) for item in items]
+
+    stub = CloudStub(first_expired, completed())
+    out = make_client(stub).embed_batch(ITEMS, resign=resign)
+    assert all(isinstance(r, RemoteEmbedding) for r in out)
+    assert [img["image_url"] for img in stub.inputs()[1]["images"]] == ["https://h/1.jpg?fresh"]
+
+    out = make_client(CloudStub(first_expired)).embed_batch(ITEMS)
+    assert isinstance(out[1], ImageDownloadError) and not out[1].retryable
 
 
 def test_embed_one_speaks_the_seed_request() -> None:
