@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
 import numpy as np
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -39,11 +38,15 @@ from starlette.routing import Route
 
 from heimdex_clip_assets.devservices import net
 from heimdex_clip_contract.codec import encode_embedding
-from heimdex_clip_contract.errors import ClipError, ImageDownloadError, InvalidRequestError, encode_job_error
+from heimdex_clip_contract.errors import ClipError, InvalidRequestError, encode_job_error
 from heimdex_clip_contract.schema import EmbedRequest, parse_request
 from heimdex_clip_contract.signing import Verifier
+from runpod_worker.fetch import FetchPolicy, ImageClient, fetch_image
 
 SECRET_ENV = "EMBEDDING_HMAC_SECRET"
+# The worker's defaults, but on loopback: the embedded storage listens on 127.0.0.1.
+FETCH_POLICY = FetchPolicy(allow_private=True)
+FETCH_CONNECTIONS = 64
 RECENT_JOBS = 256
 
 
@@ -119,15 +122,14 @@ def create_app(config: LoopbackConfig) -> Starlette:
     finished: dict[str, bytes] = {}
 
     async def fetch_all(urls: list[str]) -> list[ClipError | None]:
-        async with httpx.AsyncClient(timeout=30) as client:
+        """Every URL downloaded as the worker downloads it (its own client, checks and errors)."""
+        async with ImageClient(FETCH_POLICY, max_connections=FETCH_CONNECTIONS) as client:
 
             async def one(url: str) -> ClipError | None:
                 try:
-                    response = await client.get(url)
-                except httpx.HTTPError as exc:
-                    return ImageDownloadError(f"Image download failed ({type(exc).__name__})")
-                if response.status_code != 200:
-                    return ImageDownloadError(f"Image download failed: HTTP {response.status_code}")
+                    await fetch_image(client, url)
+                except ClipError as err:
+                    return err
                 return None
 
             return list(await asyncio.gather(*(one(u) for u in urls)))
