@@ -81,7 +81,7 @@ class LoopbackStats:
         }
 
 
-class _Vectors:
+class LoopbackVectors:
     """Deterministic unit vectors, one per URL path: the sum of two rows of a fixed random table picked
     by the path's hash (16 million distinct vectors), made for a whole job at once. A generator seeded
     per URL cost ~40 us each: 10 ms of a 256-image job, which, on a small machine, delayed the other
@@ -118,7 +118,7 @@ def _failed(job_id: str, err: ClipError) -> bytes:
 def create_app(config: LoopbackConfig) -> Starlette:
     stats = LoopbackStats()
     verifier = Verifier([config.secret]) if config.secret else None
-    vectors = _Vectors(config.dim)
+    vectors = LoopbackVectors(config.dim)
     finished: dict[str, bytes] = {}
 
     async def fetch_all(urls: list[str]) -> list[ClipError | None]:
