@@ -26,10 +26,10 @@ from heimdex_clip_assets.adapters.storage import SupabaseStorage, resumable_endp
 from heimdex_clip_assets.devservices.net import free_port, serve_in_thread
 from heimdex_clip_assets.devservices.storage_server import (
     DEFAULT_FILE_SIZE_LIMIT,
-    TUS_CHUNK_SIZE,
     create_app,
     service_key_for,
 )
+from heimdex_clip_assets.devservices.storage_tus import TUS_CHUNK_SIZE
 from heimdex_clip_contract.errors import NotFoundError, StorageError
 from tests.fixtures.fake_servers import TcpServer
 
