@@ -30,6 +30,7 @@ from urllib.parse import unquote
 import numpy as np
 import psycopg
 from pgvector.psycopg.vector import register_vector_info
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types import TypeInfo
 from psycopg.types.json import Jsonb
@@ -277,7 +278,11 @@ class VectorStore:
     @contextmanager
     def _held_connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         conn = getattr(self._held, "conn", None)
-        if conn is not None and time.monotonic() - self._held.used > HELD_CHECK_AFTER_S:
+        if (
+            conn is not None
+            and conn.info.transaction_status == TransactionStatus.IDLE  # not inside an outer call's
+            and time.monotonic() - self._held.used > HELD_CHECK_AFTER_S
+        ):
             try:  # idle a while: a server or pooler may have dropped it since
                 conn.execute("SELECT 1")
                 conn.commit()
