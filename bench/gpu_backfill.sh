@@ -34,7 +34,7 @@ echo "worker: $(python3 -c "import httpx,sys; print(httpx.get('http://127.0.0.1:
 kill $worker
 echo "== engine -> loopback endpoint (200 ms per job), same machine"
 timeout 200 python3 bench/backfill.py --write-threads "${WRITE_THREADS:-12}"
-echo "== the worker's downloads from the embedded storage, lanes vs one shared pool"
+echo "== the worker's downloads from the embedded storage: its fetcher vs bare httpx GETs"
 timeout 120 python3 bench/fetch.py --concurrency 16 64 256
 echo "== the worker's bytes-only figure (480x270 thumbnails)"
 timeout 120 python3 bench/worker.py --device cuda --size 480x270 --checkpoint "$CLIP_PRETRAINED"
