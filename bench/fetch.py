@@ -7,7 +7,8 @@ pipeline signs them; then the worker's own fetcher (``runpod_worker.handler.http
 SSRF checks, pinned addresses, size caps) downloads them all at each ``--concurrency``, against bare
 httpx GETs in as many lanes (no checks at all: a floor under what the worker's httpx fetcher cost
 before). Both run on the same URLs, machine and minute; it prints images/s, the CPU each side spends
-per image (this process), the storage server's CPU per image, and the ratios.
+per image (this process), the storage server's CPU per image (all its processes:
+``HEIMDEX_STORAGE_WORKERS``), and the ratios.
 
 On a GPU machine this is what stood between the engine and the worker's 10,000 images/s from bytes:
 the bench's end-to-end figure (``bench/gpu_backfill.sh``) fetches every thumbnail this way.
@@ -51,8 +52,8 @@ async def worker(urls: Sequence[str], config: WorkerConfig) -> int:
 
 
 def cpu_s(process: psutil.Process) -> float:
-    times = process.cpu_times()
-    return times.user + times.system
+    """CPU seconds of ``process`` and its children (the storage server's other workers)."""
+    return sum(sum(p.cpu_times()[:2]) for p in [process, *process.children()])
 
 
 def measure(images: int, run: Coroutine[Any, Any, int], server: psutil.Process) -> tuple[float, float, float]:

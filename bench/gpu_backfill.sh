@@ -23,6 +23,8 @@ PY
 export CLIP_MODEL_NAME=ViT-B-32 CLIP_PRETRAINED="$work/vit-b-32-random.safetensors"
 export EMBEDDING_HMAC_SECRET=gpu-bench-secret CLIP_DEVICE=cuda IMAGE_ALLOW_PRIVATE_HOSTS=true
 export IMAGE_HOST_ALLOWLIST= WORKER_CONCURRENCY=${WORKER_CONCURRENCY:-4} IMAGE_DOWNLOAD_CONCURRENCY=64
+# One storage process serves ~3,000 thumbnails/s (bench/fetch.py): 4 for the 5,000 img/s goal.
+export HEIMDEX_STORAGE_WORKERS=${HEIMDEX_STORAGE_WORKERS:-4}
 python3 bench/worker_api.py --port-file "$work/port" > "$work/worker.log" 2>&1 &
 worker=$!
 for _ in $(seq 300); do [ -s "$work/port" ] && break; sleep 0.2; done

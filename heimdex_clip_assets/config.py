@@ -109,6 +109,8 @@ class Settings(ClipSettings):
     storage_file_size_limit: int = Field(
         50 * 1024 * 1024, ge=1, validation_alias="HEIMDEX_STORAGE_FILE_SIZE_LIMIT"
     )
+    # Its processes: one serves a laptop; a GPU host's worker downloads ~3,000 thumbnails/s from each.
+    storage_workers: int = Field(1, ge=1, le=64, validation_alias="HEIMDEX_STORAGE_WORKERS")
     # `heimdex-clip serve`: bearer keys (comma-separated, for rotation) and Supabase users' tokens
     search_api_keys: CommaList = Field((), validation_alias="SEARCH_API_KEYS", repr=False)
     supabase_jwt_secret: str | None = Field(None, validation_alias="SUPABASE_JWT_SECRET", repr=False)

@@ -81,7 +81,9 @@ def open_storage(settings: Settings) -> Storage:
         return SupabaseStorage(settings.supabase_url, settings.supabase_key, settings.bucket)
     if not storage_server_running(settings.home):
         _STARTED_HERE.add("storage")
-    embedded = ensure_storage_server(settings.home, file_size_limit=settings.storage_file_size_limit)
+    embedded = ensure_storage_server(
+        settings.home, file_size_limit=settings.storage_file_size_limit, workers=settings.storage_workers
+    )
     return SupabaseStorage(embedded.url, embedded.service_key, settings.bucket)
 
 

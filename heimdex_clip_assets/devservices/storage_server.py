@@ -38,6 +38,7 @@ not modelled); there is no public-object route or image transformation.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import fcntl
 import hmac
 import json
@@ -91,6 +92,7 @@ _INLINE_BYTES = 1024 * 1024  # objects up to this size are served from one read,
 # Room for the multipart framing and the cacheControl field around the file's own bytes.
 _MULTIPART_SLACK = 64 * 1024
 _START_TIMEOUT_S = 20.0
+_PR_SET_PDEATHSIG = 1  # prctl: the signal a process gets when its parent dies
 _NO_OBJECT = "Either the object does not exist or you do not have access to it"  # Supabase's wording
 
 
@@ -406,13 +408,14 @@ def ensure_storage_server(
     *,
     file_size_limit: int = DEFAULT_FILE_SIZE_LIMIT,
     resumable_size_limit: int = DEFAULT_RESUMABLE_SIZE_LIMIT,
+    workers: int = 1,
 ) -> EmbeddedStorage:
     """The state folder's storage server: reused when alive, (re)started otherwise.
 
     Keys persist in the state file (0600) across restarts, so signed URLs and clients made before a
     restart keep working. The server's secret reaches it through its environment, never its argv.
-    ``file_size_limit`` (standard uploads) and ``resumable_size_limit`` (TUS) apply when this call starts
-    the server.
+    ``file_size_limit`` (standard uploads), ``resumable_size_limit`` (TUS) and ``workers`` (processes
+    serving its port) apply when this call starts the server.
     """
     with _locked(home) as folder:
         state = _read_state(folder)
@@ -441,6 +444,8 @@ def ensure_storage_server(
                     str(file_size_limit),
                     "--resumable-size-limit",
                     str(resumable_size_limit),
+                    "--workers",
+                    str(workers),
                 ],
                 env={**os.environ, JWT_SECRET_ENV: jwt_secret},
                 stdin=subprocess.DEVNULL,
@@ -519,6 +524,9 @@ def main(argv: list[str] | None = None) -> None:
         default=DEFAULT_RESUMABLE_SIZE_LIMIT,
         help="largest resumable (TUS) upload, in bytes",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes serving the one port (a GPU host's downloads)"
+    )
     args = parser.parse_args(argv)
 
     jwt_secret = os.environ.get(JWT_SECRET_ENV) or secrets.token_urlsafe(32)
@@ -537,7 +545,30 @@ def main(argv: list[str] | None = None) -> None:
         file_size_limit=args.file_size_limit,
         resumable_size_limit=args.resumable_size_limit,
     )
-    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
+    serve = uvicorn.Server(uvicorn.Config(app, log_level="warning")).run
+    children = [_fork_worker(serve, sock) for _ in range(args.workers - 1)]
+    try:
+        serve(sockets=[sock])
+    finally:
+        for pid in children:
+            with suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        for pid in children:
+            with suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _fork_worker(serve: Callable[..., None], sock: socket.socket) -> int:
+    """A process serving the same listening socket (the kernel spreads the connections); it ends with
+    the first one, however that one ends."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        serve(sockets=[sock])
+    finally:
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import fcntl
 import hashlib
 import json
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -49,6 +51,7 @@ TUS_VERSION = "1.0.0"
 TUS_CHUNK_SIZE = 6 * 1024 * 1024
 DEFAULT_RESUMABLE_SIZE_LIMIT = 50 * 1024**3
 _TUS_LOCK_WAIT_S = 30.0
+_TUS_LOCK_POLL_S = 0.02
 
 
 class TusError(Exception):
@@ -117,7 +120,6 @@ def tus_routes(
     .../{id}`` appends a chunk streamed to disk; the last chunk turns the upload into the object."""
     folder = store.root / ".tus"  # bucket names start with a letter or digit: no clash
     folder.mkdir(exist_ok=True)
-    locks: dict[str, asyncio.Lock] = {}
     base = PREFIX + "/upload/resumable"
 
     def paths(version: str) -> tuple[Path, Path]:
@@ -148,16 +150,22 @@ def tus_routes(
     @asynccontextmanager
     async def locked(version: str) -> AsyncIterator[None]:
         """One request at a time per upload (the real server takes a Postgres advisory lock): a HEAD or
-        PATCH arriving while an interrupted PATCH is still being written waits for it to finish."""
-        lock = locks.setdefault(version, asyncio.Lock())
-        try:
-            await asyncio.wait_for(lock.acquire(), _TUS_LOCK_WAIT_S)
-        except TimeoutError:
-            raise TusError(423, "the upload is locked by another request; retry later") from None
-        try:
-            yield
-        finally:
-            lock.release()
+        PATCH arriving while an interrupted PATCH is still being written waits for it to finish. A file
+        lock, so it holds across the server's processes (``--workers``)."""
+        with (folder / f"{version}.lock").open("a") as handle:
+            deadline = time.monotonic() + _TUS_LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TusError(423, "the upload is locked by another request; retry later") from None
+                    await asyncio.sleep(_TUS_LOCK_POLL_S)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def check_version(request: Request) -> None:
         if request.headers.get("tus-resumable") != TUS_VERSION:

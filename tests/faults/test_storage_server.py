@@ -20,6 +20,7 @@ from heimdex_clip_assets.devservices.storage_server import (
     EmbeddedStorage,
     ensure_storage_server,
     stop_storage_server,
+    storage_server_pid,
 )
 from heimdex_clip_contract.errors import StorageError
 
@@ -170,3 +171,29 @@ def test_uploads_are_capped_and_streamed(small_server: EmbeddedStorage, embedded
         supabase_error(reply, "413", "EntityTooLarge")
     assert server_rss(embedded_home) - before < 64 * MiB
     assert not storage.exists("huge.bin")
+
+
+def test_a_server_of_several_processes_serves_as_one_and_stops_whole(tmp_path: Path) -> None:
+    """HEIMDEX_STORAGE_WORKERS processes on one port: objects, signed URLs and a resumable upload whose
+    chunks may each reach another process (its lock and state are files) all behave as with one; a stop
+    ends every process."""
+    home = tmp_path / "home"
+    server = ensure_storage_server(home, workers=3)
+    pid = storage_server_pid(home)
+    assert pid is not None
+    processes = [psutil.Process(pid), *psutil.Process(pid).children()]
+    try:
+        assert len(processes) == 3
+        storage = SupabaseStorage(server.url, server.service_key, "many")
+        paths = [f"a/{i}.jpg" for i in range(24)]
+        for path in paths:
+            storage.upload(path, path.encode(), content_type="image/jpeg")
+        signed = storage.create_signed_urls(paths, 60)
+        assert [httpx.get(signed[path]).content for path in paths] == [path.encode() for path in paths]
+        video = bytes(range(256)) * (13 * MiB // 256)  # three 6 MiB chunks and a tail, over TUS
+        storage.upload("v/source.mp4", video, content_type="video/mp4")
+        assert storage.download("v/source.mp4") == video
+    finally:
+        stop_storage_server(home)
+    _, alive = psutil.wait_procs(processes, timeout=10)
+    assert not alive, alive
