@@ -50,7 +50,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
 def cmd_storage_server(args: argparse.Namespace) -> int:
     from heimdex_clip_assets.devservices.storage_server import ensure_storage_server
 
-    server = ensure_storage_server(settings_from_args(args).home)
+    settings = settings_from_args(args)
+    server = ensure_storage_server(
+        settings.home, file_size_limit=settings.storage_file_size_limit, workers=settings.storage_workers
+    )
     console.print(json.dumps({"url": server.url, "service_key": server.service_key}))
     return 0
 
