@@ -31,7 +31,7 @@ from heimdex_clip_contract.schema import (
 from heimdex_clip_contract.signing import Verifier
 from runpod_worker.config import WorkerConfig
 from runpod_worker.encoder import ClipEncoder
-from runpod_worker.fetch import FetchPolicy, ImageClient, fetch_image
+from runpod_worker.fetch import FetchPolicy, fetch_all
 
 logger = logging.getLogger("runpod_worker")
 
@@ -109,35 +109,11 @@ def _ms(start: float) -> float:
 
 
 def http_fetcher(config: WorkerConfig) -> Fetcher:
-    """Concurrent, SSRF-checked downloads: ``IMAGE_DOWNLOAD_CONCURRENCY`` lanes per job, each taking the
-    next URL when it is free, over as many kept-alive connections of one :class:`ImageClient`.
-
-    aiohttp, not httpx: httpx validated the signed URL's long query character by character and httpcore
-    rebuilt its socket's attributes on every request, ~1 ms of CPU per image between them; at a GPU's
-    pace the downloads, not the model, set a worker's speed (``bench/fetch.py``). A client per job: the
-    bench and the local API's tests run each job under a fresh ``asyncio.run``, and a connection
-    belongs to the loop that opened it.
-    """
-    policy = FetchPolicy.from_config(config)
-
-    async def fetch_all(urls: Sequence[str]) -> list[Fetched]:
-        results: dict[int, Fetched] = {}
-        todo = iter(enumerate(urls))  # shared: no await between taking a URL and owning it
-        lanes = min(config.download_concurrency, len(urls))
-
-        async def lane(client: ImageClient) -> None:
-            for i, url in todo:
-                started = time.perf_counter()
-                try:
-                    results[i] = await fetch_image(client, url), _ms(started)
-                except ClipError as exc:
-                    results[i] = exc, _ms(started)
-
-        async with ImageClient(policy, max_connections=max(lanes, 1)) as client:
-            await asyncio.gather(*(lane(client) for _ in range(lanes)))
-        return [results[i] for i in range(len(urls))]
-
-    return fetch_all
+    """Concurrent, SSRF-checked downloads (:func:`~runpod_worker.fetch.fetch_all`):
+    ``IMAGE_DOWNLOAD_CONCURRENCY`` at once per job."""
+    return functools.partial(
+        fetch_all, policy=FetchPolicy.from_config(config), concurrency=config.download_concurrency
+    )
 
 
 async def embed_downloaded(

@@ -41,7 +41,7 @@ from heimdex_clip_contract.codec import encode_embedding
 from heimdex_clip_contract.errors import ClipError, InvalidRequestError, encode_job_error
 from heimdex_clip_contract.schema import EmbedRequest, parse_request
 from heimdex_clip_contract.signing import Verifier
-from runpod_worker.fetch import FetchPolicy, ImageClient, fetch_image
+from runpod_worker.fetch import FetchPolicy, fetch_all
 
 SECRET_ENV = "EMBEDDING_HMAC_SECRET"
 # The worker's defaults, but on loopback: the embedded storage listens on 127.0.0.1.
@@ -121,18 +121,10 @@ def create_app(config: LoopbackConfig) -> Starlette:
     vectors = LoopbackVectors(config.dim)
     finished: dict[str, bytes] = {}
 
-    async def fetch_all(urls: list[str]) -> list[ClipError | None]:
+    async def download_errors(urls: list[str]) -> list[ClipError | None]:
         """Every URL downloaded as the worker downloads it (its own client, checks and errors)."""
-        async with ImageClient(FETCH_POLICY, max_connections=FETCH_CONNECTIONS) as client:
-
-            async def one(url: str) -> ClipError | None:
-                try:
-                    await fetch_image(client, url)
-                except ClipError as err:
-                    return err
-                return None
-
-            return list(await asyncio.gather(*(one(u) for u in urls)))
+        fetched = await fetch_all(urls, FETCH_POLICY, FETCH_CONNECTIONS)
+        return [data if isinstance(data, ClipError) else None for data, _ in fetched]
 
     def answer(
         job_id: str, request: EmbedRequest, embeddings: list[str], errors: list[ClipError | None]
@@ -181,7 +173,7 @@ def create_app(config: LoopbackConfig) -> Starlette:
             # The wait comes first, as on RunPod: a job queues, then its worker downloads the images.
             await asyncio.sleep(max(0.0, arrived + config.latency_s - asyncio.get_running_loop().time()))
             if body is None:
-                body = answer(job_id, request, embeddings, await fetch_all(urls))
+                body = answer(job_id, request, embeddings, await download_errors(urls))
         except ClipError as err:
             return _failed(job_id, err)
         finally:
