@@ -19,11 +19,7 @@ from urllib.parse import quote
 
 import psycopg
 
-from heimdex_clip_assets.adapters.clip_backends import (
-    ClipBackend,
-    make_backend,
-    settings_encoder,
-)
+from heimdex_clip_assets.adapters.clip_backends import ClipBackend, make_backend, settings_encoder
 from heimdex_clip_assets.adapters.db import VectorStore
 from heimdex_clip_assets.adapters.runpod_client import RunPodClient
 from heimdex_clip_assets.adapters.storage import Storage, SupabaseStorage
