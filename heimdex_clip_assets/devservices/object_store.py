@@ -205,8 +205,7 @@ class ObjectStore:
         return data, meta
 
     def exists(self, bucket: str, key: str) -> bool:
-        data, meta = self._paths(bucket, key)
-        return data.is_file() and meta.is_file()
+        return self.signable(bucket, [key])[0]
 
     def put(
         self, bucket: str, key: str, source: IO[bytes], content_type: str, cache_control: str, upsert: bool
